@@ -28,8 +28,10 @@ from hf_dp_microadam.privacy.noise import (
 )
 from hf_dp_microadam.privacy.sampling import (
     PoissonBatchSampler,
+    check_dataset_supports_poisson,
     check_poisson_data_loader,
     check_poisson_sampling,
+    collate_allowing_empty,
     split_into_micro_batches,
 )
 
@@ -46,8 +48,10 @@ __all__ = [
     "SecureGaussianNoise",
     "TorchGaussianNoise",
     "calibrate_noise_multiplier",
+    "check_dataset_supports_poisson",
     "check_poisson_data_loader",
     "check_poisson_sampling",
+    "collate_allowing_empty",
     "compute_epsilon",
     "create_noise_source",
     "default_delta",

@@ -75,6 +75,16 @@ def _validate_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta}.")
 
 
+def _validate_sample_rate(sample_rate: float) -> None:
+    if not (0.0 <= sample_rate <= 1.0):
+        raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}.")
+
+
+def _validate_noise_multiplier(noise_multiplier: float) -> None:
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}.")
+
+
 def _normalize_history(history: Sequence[Sequence[float]]) -> History:
     """Drop entries that cost nothing (no steps or sample rate 0) and freeze the rest."""
     entries = []
@@ -202,28 +212,40 @@ class PrivacyAccountant:
     It wraps an Opacus accountant (`PRVAccountant` or `RDPAccountant`) whose history
     has (noise_multiplier, sample_rate, steps) entries. On top of it, this class adds
     the total step count (Opacus' `len()` counts history entries, not steps), epsilon
-    after hypothetical future steps, the number of steps a target epsilon still allows,
-    a hook for `DPOptimizer`, and a serializable state.
+    after hypothetical future steps, the number of steps a target epsilon allows, a hook
+    for `DPOptimizer`, and a serializable state.
+
+    The run's settings given here are the defaults of every method below, and each
+    method also takes them explicitly.
 
     Args:
-        accountant: "prv" (default, tighter) or "rdp".
+        mechanism: "prv" (default, tighter) or "rdp".
         sample_rate: q = expected_batch_size / num_examples, from the configuration.
-            Used by the optimizer hook and as the default for future steps.
+        noise_multiplier: sigma of the run's steps.
+        delta: delta at which epsilon is reported.
     """
 
-    def __init__(self, accountant: str = "prv", *, sample_rate: Optional[float] = None):
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
+    def __init__(
+        self,
+        mechanism: str = "prv",
+        *,
+        sample_rate: Optional[float] = None,
+        noise_multiplier: Optional[float] = None,
+        delta: Optional[float] = None,
+    ):
+        if mechanism not in ACCOUNTANTS:
+            raise ValueError(f"mechanism must be one of {ACCOUNTANTS}, got {mechanism!r}.")
         if sample_rate is not None:
-            self._validate_sample_rate(sample_rate)
-        self.mechanism = accountant
+            _validate_sample_rate(sample_rate)
+        if noise_multiplier is not None:
+            _validate_noise_multiplier(noise_multiplier)
+        if delta is not None:
+            _validate_delta(delta)
+        self.mechanism = mechanism
         self.sample_rate = sample_rate
-        self._accountant = PRVAccountant() if accountant == "prv" else RDPAccountant()
-
-    @staticmethod
-    def _validate_sample_rate(sample_rate: float) -> None:
-        if not (0.0 <= sample_rate <= 1.0):
-            raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}.")
+        self.noise_multiplier = noise_multiplier
+        self.delta = delta
+        self._accountant = PRVAccountant() if mechanism == "prv" else RDPAccountant()
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -235,31 +257,49 @@ class PrivacyAccountant:
         """Number of recorded steps."""
         return sum(steps for _, _, steps in self._accountant.history)
 
-    def _resolve(
+    def _resolve_step(
         self, noise_multiplier: Optional[float], sample_rate: Optional[float]
     ) -> tuple[float, float]:
-        """Fill in the defaults for future steps: the configured q and the last sigma."""
+        """Fill in sigma and q: the arguments, else the configured values.
+
+        For sigma, the last recorded one is the fallback when none is configured.
+        """
         if sample_rate is None:
             sample_rate = self.sample_rate
             if sample_rate is None:
                 raise ValueError("No sample_rate: pass it here or to PrivacyAccountant().")
         if noise_multiplier is None:
+            noise_multiplier = self.noise_multiplier
+        if noise_multiplier is None:
             if not self._accountant.history:
-                raise ValueError("No noise_multiplier: pass it, or record a step first.")
+                raise ValueError(
+                    "No noise_multiplier: pass it here or to PrivacyAccountant(), or record a step first."
+                )
             noise_multiplier = self._accountant.history[-1][0]
         return float(noise_multiplier), float(sample_rate)
 
-    def step(self, *, noise_multiplier: float, sample_rate: Optional[float] = None) -> None:
-        """Record one logical step. `sample_rate` defaults to the configured one."""
-        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}.")
-        noise_multiplier, sample_rate = self._resolve(noise_multiplier, sample_rate)
-        self._validate_sample_rate(sample_rate)
+    def _resolve_delta(self, delta: Optional[float]) -> float:
+        if delta is None:
+            delta = self.delta
+            if delta is None:
+                raise ValueError("No delta: pass it here or to PrivacyAccountant().")
+        return delta
+
+    def step(
+        self, *, noise_multiplier: Optional[float] = None, sample_rate: Optional[float] = None
+    ) -> None:
+        """Record one logical step, by default with the configured sigma and q."""
+        if noise_multiplier is not None:
+            _validate_noise_multiplier(noise_multiplier)
+        elif self.noise_multiplier is None:
+            raise ValueError("No noise_multiplier: pass it here or to PrivacyAccountant().")
+        noise_multiplier, sample_rate = self._resolve_step(noise_multiplier, sample_rate)
+        _validate_sample_rate(sample_rate)
         self._accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
 
     def get_epsilon(
         self,
-        delta: float,
+        delta: Optional[float] = None,
         *,
         additional_steps: int = 0,
         noise_multiplier: Optional[float] = None,
@@ -267,21 +307,22 @@ class PrivacyAccountant:
     ) -> float:
         """Return epsilon after the recorded steps plus `additional_steps` future ones.
 
-        Future steps use `noise_multiplier` (default: the last recorded one) and
-        `sample_rate` (default: the configured one).
+        Future steps use `noise_multiplier` and `sample_rate`, by default the configured
+        ones (for sigma, the last recorded one if none is configured).
         """
+        delta = self._resolve_delta(delta)
         if additional_steps < 0:
             raise ValueError(f"additional_steps must be >= 0, got {additional_steps}.")
         history = self._accountant.history
         if additional_steps:
-            sigma, q = self._resolve(noise_multiplier, sample_rate)
+            sigma, q = self._resolve_step(noise_multiplier, sample_rate)
             history = _extend_history(history, sigma, q, additional_steps)
         return compute_epsilon(history, delta, self.mechanism)
 
     def remaining_steps(
         self,
         target_epsilon: float,
-        delta: float,
+        delta: Optional[float] = None,
         *,
         noise_multiplier: Optional[float] = None,
         sample_rate: Optional[float] = None,
@@ -296,7 +337,8 @@ class PrivacyAccountant:
         a second: an exponential search followed by a bisection costs about
         2 * log2(k) evaluations.
         """
-        sigma, q = self._resolve(noise_multiplier, sample_rate)
+        delta = self._resolve_delta(delta)
+        sigma, q = self._resolve_step(noise_multiplier, sample_rate)
 
         def within_budget(k: int) -> bool:
             history = _extend_history(self._accountant.history, sigma, q, k)
@@ -320,6 +362,28 @@ class PrivacyAccountant:
                 high = middle
         return low
 
+    def max_steps_within(
+        self,
+        target_epsilon: float,
+        delta: Optional[float] = None,
+        *,
+        noise_multiplier: Optional[float] = None,
+        sample_rate: Optional[float] = None,
+        max_steps: int = 10**8,
+    ) -> int:
+        """Return the total step count (recorded plus future) that `target_epsilon` allows.
+
+        This is `steps + remaining_steps(...)`, so it never falls below the recorded
+        steps, even when they already exceed the target.
+        """
+        return self.steps + self.remaining_steps(
+            target_epsilon,
+            delta,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            max_steps=max_steps,
+        )
+
     def optimizer_hook(self) -> Callable[[Any], None]:
         """Return a step hook for `DPOptimizer.attach_step_hook`.
 
@@ -335,22 +399,25 @@ class PrivacyAccountant:
         return record_step
 
     def attach(self, optimizer):
-        """Record a step after every logical step of `optimizer`; returns the hook handle."""
+        """Record a step at every logical step of `optimizer` and return the hook handle."""
         return optimizer.attach_step_hook(self.optimizer_hook())
 
     def state_dict(self) -> dict[str, Any]:
-        """Return a JSON-serializable state: accountant name, sample rate and history."""
+        """Return a JSON-serializable state: mechanism, configured values and history."""
         return {
-            "accountant": self.mechanism,
+            "mechanism": self.mechanism,
             "sample_rate": self.sample_rate,
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.delta,
             "history": [list(entry) for entry in self._accountant.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from `state_dict()`, replacing the recorded history.
 
-        The history has the same form for both accountants, so a state saved with one
-        can be loaded into the other.
+        The history has the same form for both mechanisms, so a state saved with one
+        can be loaded into the other. Configured values left unset here are taken from
+        the state.
 
         Raises:
             KeyError: if the state has no history.
@@ -367,6 +434,10 @@ class PrivacyAccountant:
                 f"uses {self.sample_rate}. Resume with the saved expected_batch_size and "
                 "dataset size."
             )
+        if self.noise_multiplier is None:
+            self.noise_multiplier = state.get("noise_multiplier")
+        if self.delta is None:
+            self.delta = state.get("delta")
         history = []
         for noise_multiplier, sample_rate, steps in state["history"]:
             history.append((float(noise_multiplier), float(sample_rate), int(steps)))
@@ -375,23 +446,26 @@ class PrivacyAccountant:
     def report(
         self,
         *,
-        delta: float,
         expected_batch_size: float,
         num_examples: int,
+        delta: Optional[float] = None,
         target_epsilon: Optional[float] = None,
         secure_mode: bool = False,
         max_grad_norm: Optional[float] = None,
     ) -> "PrivacyReport":
         """Build the report of the epsilon spent so far.
 
-        The noise multiplier is the last recorded one (the only one, in a run with a
-        fixed noise multiplier).
+        The noise multiplier is the configured one, else the last recorded one (the
+        only one, in a run with a fixed noise multiplier).
         """
+        delta = self._resolve_delta(delta)
         history = self._accountant.history
-        noise_multiplier = history[-1][0] if history else None
-        sample_rate = self.sample_rate if self.sample_rate is not None else (
-            history[-1][1] if history else None
-        )
+        noise_multiplier = self.noise_multiplier
+        if noise_multiplier is None and history:
+            noise_multiplier = history[-1][0]
+        sample_rate = self.sample_rate
+        if sample_rate is None and history:
+            sample_rate = history[-1][1]
         return PrivacyReport(
             epsilon=self.get_epsilon(delta),
             delta=delta,
@@ -411,8 +485,8 @@ class PrivacyAccountant:
 
     def __repr__(self) -> str:
         return (
-            f"PrivacyAccountant(accountant={self.mechanism!r}, sample_rate={self.sample_rate}, "
-            f"steps={self.steps})"
+            f"PrivacyAccountant(mechanism={self.mechanism!r}, sample_rate={self.sample_rate}, "
+            f"noise_multiplier={self.noise_multiplier}, delta={self.delta}, steps={self.steps})"
         )
 
 

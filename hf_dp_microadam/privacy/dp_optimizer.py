@@ -92,15 +92,17 @@ class DPOptimizer(OpacusDPOptimizer):
     micro-batches: call `clip_and_accumulate()` after each backward pass (or call
     `signal_skip_step()` and then `step()`, as Opacus' BatchMemoryManager does), then
     call `step()` once. `step()` clips whatever `p.grad_sample` is left, draws the noise,
-    divides by B, writes `p.grad`, runs the update rule, runs the step hooks (the
-    accountant) and clears `p.grad_sample`, `p.summed_grad` and `p.grad`.
+    divides by B, writes `p.grad`, runs the step hooks (the accountant), runs the update
+    rule and clears `p.grad_sample`, `p.summed_grad` and `p.grad`.
 
     Args:
         optimizer: the update rule. It receives only the privatized gradient.
         noise_multiplier: sigma. The noise on the clipped sum has standard deviation
             `noise_multiplier * max_grad_norm`. 0 keeps clipping and drops the noise
             (no privacy guarantee).
-        max_grad_norm: clipping bound C on each example's gradient (L2 norm).
+        max_grad_norm: clipping bound C on each example's gradient (L2 norm). `inf`
+            turns clipping off, which is allowed only with `noise_multiplier=0` (a
+            non-private baseline through the same code path).
         expected_batch_size: B = q * N, the public normalizer. Never the realized
             batch size.
         clipping: "flat" (default) clips the norm over all trainable parameters jointly.
@@ -130,8 +132,13 @@ class DPOptimizer(OpacusDPOptimizer):
             raise ValueError(
                 f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}."
             )
-        if not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}.")
+        if math.isnan(max_grad_norm) or max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be a number > 0, got {max_grad_norm}.")
+        if math.isinf(max_grad_norm) and noise_multiplier != 0:
+            raise ValueError(
+                "max_grad_norm=inf (no clipping) is only valid with noise_multiplier=0, "
+                f"got noise_multiplier={noise_multiplier}."
+            )
         if (
             isinstance(expected_batch_size, bool)
             or not isinstance(expected_batch_size, numbers.Real)
@@ -162,7 +169,8 @@ class DPOptimizer(OpacusDPOptimizer):
             )
         self.noise_source = noise_source
 
-        #: Number of completed logical steps (update rule calls).
+        #: Number of completed logical steps (update rule calls). Step hooks see the
+        #: count before the current step.
         self.logical_steps = 0
         #: Number of logical steps in which this process drew Gaussian noise.
         self.noise_draws = 0
@@ -171,8 +179,10 @@ class DPOptimizer(OpacusDPOptimizer):
     # Step hooks
 
     def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> RemovableHandle:
-        """Register `fn(optimizer)` to run after every logical step's update.
+        """Register `fn(optimizer)` to run once per logical step, before the update.
 
+        When it runs, `p.grad` contains the privatized gradient and the parameters are
+        not yet updated, so a hook that raises (a budget check) releases nothing.
         Unlike Opacus, which keeps one hook, several hooks may be attached (for example
         the accountant and a budget check). They run in the order of registration.
         Returns a handle whose `remove()` detaches the hook.
@@ -279,6 +289,12 @@ class DPOptimizer(OpacusDPOptimizer):
 
     # Stage 2: noise (and the all-reduce across processes)
 
+    def _noise_std(self) -> float:
+        """Return noise_multiplier * max_grad_norm, and 0 without noise even if C is inf."""
+        if self.noise_multiplier == 0:
+            return 0.0
+        return self.noise_multiplier * self.max_grad_norm
+
     def add_noise(self) -> None:
         """Add N(0, (noise_multiplier * max_grad_norm)^2) to every `p.summed_grad`, once.
 
@@ -286,7 +302,7 @@ class DPOptimizer(OpacusDPOptimizer):
         so the update is noise only. With several processes only rank 0 adds noise.
         """
         rank, _ = _process_group_rank_and_size()
-        std = self.noise_multiplier * self.max_grad_norm
+        std = self._noise_std()
         draw = rank == 0 and std > 0
 
         for param in self.params:
@@ -350,10 +366,12 @@ class DPOptimizer(OpacusDPOptimizer):
         return True
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """Finish the logical step: privatize, update, run the step hooks, clear buffers.
+        """Finish the logical step: privatize, run the step hooks, update, clear buffers.
 
         Returns the closure's loss if a closure was given, else the update rule's
-        return value. A skipped step (see `signal_skip_step`) returns None.
+        return value. A skipped step (see `signal_skip_step`) returns None. If a step
+        hook raises, the update rule does not run, the buffers are cleared and the
+        exception propagates.
         """
         loss = None
         if closure is not None:
@@ -363,13 +381,15 @@ class DPOptimizer(OpacusDPOptimizer):
         if not self.pre_step():
             return loss
 
+        # The hooks (the accountant, a budget check) run before the update, as in
+        # Opacus, so a hook that raises stops the step before anything is released.
         try:
+            for hook in list(self._step_hooks.values()):
+                hook(self)
             result = self.original_optimizer.step()
         finally:
             self._clear_step_buffers()
         self.logical_steps += 1
-        for hook in list(self._step_hooks.values()):
-            hook(self)
         return loss if loss is not None else result
 
     def _clear_step_buffers(self) -> None:
@@ -549,7 +569,9 @@ def make_dp_optimizer(
         )
     from hf_dp_microadam.optim import create_update_rule
 
-    variance_offset = (noise_multiplier * max_grad_norm / expected_batch_size) ** 2
+    variance_offset = 0.0
+    if noise_multiplier != 0:
+        variance_offset = (noise_multiplier * max_grad_norm / expected_batch_size) ** 2
     update_rule = create_update_rule(
         DP_OPTIMIZER_NAMES[name],
         params,

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 __all__ = [
     "PoissonBatchSampler",
+    "check_dataset_supports_poisson",
     "check_poisson_data_loader",
     "check_poisson_sampling",
     "collate_allowing_empty",
@@ -268,8 +269,8 @@ def split_into_micro_batches(batch: Any, max_micro_batch_size: int) -> list[Any]
 def collate_allowing_empty(collate_fn: Callable[[list], Any]) -> Callable[[list], Any]:
     """Wrap a collate function so that an empty Poisson batch collates to an empty list.
 
-    torch's `default_collate` and the Hugging Face data collators fail on an empty list
-    of examples. The wrapped function returns `[]` for it, which
+    torch's `default_collate` and transformers' `default_data_collator` raise
+    IndexError on an empty list of examples (torch 2.13, transformers 5.25). The wrapped function returns `[]` for it, which
     `split_into_micro_batches` turns into zero micro-batches.
     """
 
@@ -283,6 +284,22 @@ def collate_allowing_empty(collate_fn: Callable[[list], Any]) -> Callable[[list]
 
 
 _POISSON_SAMPLERS = (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler)
+
+
+def check_dataset_supports_poisson(dataset: Any) -> None:
+    """Raise TypeError unless `dataset` is map-style (`__len__` and `__getitem__`).
+
+    Poisson sampling draws indices, so a stream (a torch `IterableDataset`, a Hugging
+    Face `datasets.IterableDataset`, or any object without `__len__`) cannot be sampled.
+    """
+    if isinstance(dataset, IterableDataset) or not (
+        hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+    ):
+        raise TypeError(
+            f"Poisson sampling needs a map-style dataset with __len__ and __getitem__, got "
+            f"{type(dataset).__name__}. Convert it to a map-style dataset (for example "
+            "datasets.Dataset instead of datasets.IterableDataset)."
+        )
 
 
 def check_poisson_sampling(
@@ -301,12 +318,7 @@ def check_poisson_sampling(
         TypeError: for an IterableDataset or another batch sampler.
         ValueError: if the sampler's sample rate differs from `sample_rate`.
     """
-    if isinstance(dataset, IterableDataset):
-        raise TypeError(
-            f"Poisson sampling needs a map-style dataset with __len__ and __getitem__, got "
-            f"the IterableDataset {type(dataset).__name__}. Convert it to a map-style "
-            "dataset (for example datasets.Dataset instead of IterableDataset)."
-        )
+    check_dataset_supports_poisson(dataset)
     if not isinstance(batch_sampler, _POISSON_SAMPLERS):
         raise TypeError(
             f"Poisson accounting needs a PoissonBatchSampler as batch_sampler, got "

@@ -174,6 +174,47 @@ def test_remaining_steps_edge_cases():
     assert tracker.remaining_steps(spent * 0.9, DELTA) == 0
 
 
+def test_configured_defaults():
+    tracker = PrivacyAccountant("rdp", sample_rate=0.02, noise_multiplier=1.1, delta=DELTA)
+    for _ in range(40):
+        tracker.step()
+    assert tracker.history == [(1.1, 0.02, 40)]
+    assert tracker.get_epsilon() == compute_epsilon([(1.1, 0.02, 40)], DELTA, "rdp")
+    assert tracker.get_epsilon(additional_steps=10) == compute_epsilon([(1.1, 0.02, 50)], DELTA, "rdp")
+
+    target = 2 * tracker.get_epsilon()
+    total = tracker.max_steps_within(target)
+    assert total > 40
+    assert total == 40 + tracker.remaining_steps(target)
+    assert tracker.get_epsilon(additional_steps=total - 40) <= target
+    assert tracker.get_epsilon(additional_steps=total - 39) > target
+
+    restored = PrivacyAccountant("rdp")
+    restored.load_state_dict(tracker.state_dict())
+    assert (restored.sample_rate, restored.noise_multiplier, restored.delta) == (0.02, 1.1, DELTA)
+    assert restored.get_epsilon() == tracker.get_epsilon()
+
+
+def test_missing_settings_rejected():
+    tracker = PrivacyAccountant(sample_rate=0.01)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        tracker.step()
+    tracker.step(noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="delta"):
+        tracker.get_epsilon()
+    with pytest.raises(ValueError, match="sample_rate"):
+        PrivacyAccountant(noise_multiplier=1.0).step()
+
+
+def test_max_steps_within_after_budget_spent():
+    tracker = PrivacyAccountant(sample_rate=0.05, noise_multiplier=0.7, delta=DELTA)
+    for _ in range(200):
+        tracker.step()
+    spent = tracker.get_epsilon()
+    assert tracker.max_steps_within(spent / 2) == 200
+    assert tracker.max_steps_within(0.1, noise_multiplier=0.0) == 200
+
+
 def test_optimizer_hook_records_noise_multiplier():
     class FakeOptimizer:
         noise_multiplier = 1.3
@@ -188,7 +229,7 @@ def test_optimizer_hook_records_noise_multiplier():
 
 
 def test_invalid_arguments_rejected():
-    with pytest.raises(ValueError, match="accountant"):
+    with pytest.raises(ValueError, match="mechanism"):
         PrivacyAccountant("gdp")
     with pytest.raises(ValueError, match="delta"):
         compute_epsilon([(1.0, 0.01, 10)], 0.0)

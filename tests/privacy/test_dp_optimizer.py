@@ -113,6 +113,15 @@ def test_zero_noise_multiplier_keeps_clipping():
 # Clipping
 
 
+def test_infinite_clip_norm_without_noise():
+    param = nn.Parameter(torch.zeros(2))
+    optimizer, inner = _privatizer([param], max_grad_norm=float("inf"), expected_batch_size=2)
+    param.grad_sample = torch.tensor([[300.0, 400.0], [1.0, 0.0]])
+    optimizer.step()
+    assert torch.equal(inner.received[0][0], torch.tensor([150.5, 200.0]))
+    assert optimizer.noise_draws == 0
+
+
 def test_huge_gradient_clipped_to_norm():
     weight, bias = nn.Parameter(torch.zeros(5, 3)), nn.Parameter(torch.zeros(5))
     optimizer, inner = _privatizer([weight, bias], max_grad_norm=0.7, expected_batch_size=1)
@@ -445,6 +454,10 @@ def test_invalid_arguments_rejected():
         _privatizer([param], noise_multiplier=-1.0)
     with pytest.raises(ValueError, match="max_grad_norm"):
         _privatizer([param], max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        _privatizer([param], max_grad_norm=float("nan"))
+    with pytest.raises(ValueError, match="only valid with noise_multiplier=0"):
+        _privatizer([param], max_grad_norm=float("inf"), noise_multiplier=1.0)
     with pytest.raises(ValueError, match="expected_batch_size"):
         _privatizer([param], expected_batch_size=0)
     with pytest.raises(ValueError, match="clipping"):
@@ -460,7 +473,49 @@ def test_step_hooks_run_in_order_and_detach():
     optimizer.step()
     first.remove()
     optimizer.step()
-    assert calls == [("first", 1), ("second", 1), ("second", 2)]
+    assert calls == [("first", 0), ("second", 0), ("second", 1)]
+
+
+def test_step_hook_runs_before_update():
+    param = nn.Parameter(torch.zeros(2))
+    optimizer, inner = _privatizer([param], expected_batch_size=2)
+    seen = []
+
+    def hook(opt):
+        seen.append((param.detach().clone(), param.grad.clone(), len(inner.received)))
+
+    optimizer.attach_step_hook(hook)
+    param.grad_sample = torch.tensor([[0.2, 0.4]])
+    optimizer.step()
+
+    value, grad, updates = seen[0]
+    assert torch.equal(value, torch.zeros(2))
+    assert torch.allclose(grad, torch.tensor([0.1, 0.2]))
+    assert updates == 0
+    assert len(inner.received) == 1
+
+
+def test_raising_step_hook_prevents_update():
+    param = nn.Parameter(torch.zeros(2))
+    optimizer, inner = _privatizer([param], noise_multiplier=1.0)
+
+    def budget_check(opt):
+        raise RuntimeError("budget exhausted")
+
+    handle = optimizer.attach_step_hook(budget_check)
+    param.grad_sample = torch.ones(3, 2)
+    with pytest.raises(RuntimeError, match="budget exhausted"):
+        optimizer.step()
+    assert torch.equal(param, torch.zeros(2))
+    assert inner.received == []
+    assert optimizer.logical_steps == 0
+    assert param.grad is None
+    assert param.summed_grad is None
+
+    handle.remove()
+    optimizer.step()
+    assert optimizer.logical_steps == 1
+    assert len(inner.received) == 1
 
 
 def test_closure_runs_before_privatization():

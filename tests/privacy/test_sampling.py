@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset, default
 
 from hf_dp_microadam.privacy.sampling import (
     PoissonBatchSampler,
+    check_dataset_supports_poisson,
     check_poisson_data_loader,
     check_poisson_sampling,
     collate_allowing_empty,
@@ -227,6 +228,12 @@ def test_iterable_dataset_rejected():
         check_poisson_sampling(_Stream(), PoissonBatchSampler(10, 2, seed=0))
     with pytest.raises(TypeError, match="IterableDataset"):
         check_poisson_data_loader(DataLoader(_Stream(), batch_size=2))
+    with pytest.raises(TypeError, match="map-style"):
+        check_dataset_supports_poisson(_Stream())
+    with pytest.raises(TypeError, match="map-style"):
+        check_dataset_supports_poisson(iter(range(10)))
+    check_dataset_supports_poisson(TensorDataset(torch.zeros(3, 1)))
+    check_dataset_supports_poisson(list(range(3)))
 
 
 def test_non_poisson_sampler_rejected():
