@@ -319,6 +319,30 @@ class PrivacyAccountant:
             history = _extend_history(history, sigma, q, additional_steps)
         return compute_epsilon(history, delta, self.mechanism)
 
+    def epsilon_after(
+        self,
+        steps: int,
+        delta: Optional[float] = None,
+        *,
+        noise_multiplier: Optional[float] = None,
+        sample_rate: Optional[float] = None,
+    ) -> float:
+        """Return epsilon after a total of `steps` steps, recorded ones included.
+
+        Raises:
+            ValueError: if `steps` is below the number of recorded steps.
+        """
+        if steps < self.steps:
+            raise ValueError(
+                f"steps={steps} is below the {self.steps} steps already recorded."
+            )
+        return self.get_epsilon(
+            delta,
+            additional_steps=steps - self.steps,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+        )
+
     def remaining_steps(
         self,
         target_epsilon: float,
@@ -452,11 +476,13 @@ class PrivacyAccountant:
         target_epsilon: Optional[float] = None,
         secure_mode: bool = False,
         max_grad_norm: Optional[float] = None,
+        disabled: bool = False,
     ) -> "PrivacyReport":
         """Build the report of the epsilon spent so far.
 
         The noise multiplier is the configured one, else the last recorded one (the
-        only one, in a run with a fixed noise multiplier).
+        only one, in a run with a fixed noise multiplier). `disabled=True` marks a run
+        trained without differential privacy, whose epsilon is inf.
         """
         delta = self._resolve_delta(delta)
         history = self._accountant.history
@@ -467,7 +493,7 @@ class PrivacyAccountant:
         if sample_rate is None and history:
             sample_rate = history[-1][1]
         return PrivacyReport(
-            epsilon=self.get_epsilon(delta),
+            epsilon=math.inf if disabled else self.get_epsilon(delta),
             delta=delta,
             noise_multiplier=noise_multiplier,
             sample_rate=sample_rate,
@@ -478,6 +504,7 @@ class PrivacyAccountant:
             target_epsilon=target_epsilon,
             secure_mode=secure_mode,
             max_grad_norm=max_grad_norm,
+            disabled=disabled,
         )
 
     def __len__(self) -> int:
@@ -572,6 +599,8 @@ class PrivacyReport:
     target_epsilon: Optional[float] = None
     secure_mode: bool = False
     max_grad_norm: Optional[float] = None
+    #: True for a run trained without differential privacy (no guarantee).
+    disabled: bool = False
     note: str = NOT_COVERED_NOTE
 
     def to_dict(self) -> dict[str, Any]:
@@ -591,6 +620,11 @@ class PrivacyReport:
 
     def __str__(self) -> str:
         target = "" if self.target_epsilon is None else f" (target {self.target_epsilon:g})"
+        if self.disabled:
+            return (
+                f"Differential privacy disabled: no privacy guarantee after {self.steps} "
+                "steps (epsilon = inf)."
+            )
         lines = [
             f"({self.epsilon:.4g}, {self.delta:.3g})-DP{target} after {self.steps} steps, "
             f"{self.accountant.upper()} accountant",

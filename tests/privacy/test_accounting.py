@@ -189,6 +189,11 @@ def test_configured_defaults():
     assert tracker.get_epsilon(additional_steps=total - 40) <= target
     assert tracker.get_epsilon(additional_steps=total - 39) > target
 
+    assert tracker.epsilon_after(total) <= target < tracker.epsilon_after(total + 1)
+    assert tracker.epsilon_after(40) == tracker.get_epsilon()
+    with pytest.raises(ValueError, match="already recorded"):
+        tracker.epsilon_after(39)
+
     restored = PrivacyAccountant("rdp")
     restored.load_state_dict(tracker.state_dict())
     assert (restored.sample_rate, restored.noise_multiplier, restored.delta) == (0.02, 1.1, DELTA)
@@ -272,6 +277,16 @@ def test_report_contents_and_json(tmp_path):
     assert f"{report.epsilon:.4g}" in text
     assert "after 50 steps" in text
     assert "not covered" in text
+
+
+def test_report_of_disabled_run():
+    tracker = PrivacyAccountant(sample_rate=0.1, noise_multiplier=1.0, delta=DELTA)
+    tracker.step()
+    report = tracker.report(expected_batch_size=10, num_examples=100, disabled=True)
+    assert report.epsilon == math.inf
+    assert report.disabled is True
+    assert report.to_dict()["disabled"] is True
+    assert "no privacy guarantee" in str(report)
 
 
 def test_report_with_infinite_epsilon(tmp_path):
