@@ -13,8 +13,8 @@ Tasks (the names follow `PretrainedConfig.problem_type`, plus "causal_lm"):
 - "multi_label_classification": binary cross-entropy of logits [n, C] against 0/1 targets,
   averaged over the C labels;
 - "regression": squared error, averaged over the outputs (num_labels == 1 gives one);
-- "causal_lm": next-token cross-entropy (logits at position t predict label t + 1);
-  labels equal to -100 and padding positions (attention_mask == 0) are ignored; the
+- "causal_lm": next-token cross-entropy (logits at position t predict label t + 1).
+  Labels equal to -100 and padding positions (attention_mask == 0) are ignored. The
   example's loss is the mean over its own valid tokens ("mean", the default) or their sum
   ("sum"). An example without a valid token has loss 0.
 """

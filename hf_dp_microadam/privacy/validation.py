@@ -5,8 +5,8 @@ every problem it found:
 
 - the model is in eval mode (`from_pretrained` returns eval mode, and hooks record
   nothing in eval mode), or a trainable submodule is;
-- a layer mixes examples: BatchNorm in training mode (trainable or frozen) computes
-  statistics over the batch; other layers that Opacus' ModuleValidator rejects;
+- a layer mixes examples, such as BatchNorm in training mode (trainable or frozen), which
+  computes statistics over the batch, or another layer that Opacus' ModuleValidator rejects;
 - a PEFT method or LoRA variant whose per-example gradients are not verified;
 - trainable parameters without per-example gradient hooks (the engine was attached
   before `get_peft_model`, or `requires_grad` changed afterwards);
@@ -70,10 +70,10 @@ def find_mixed_precision_problems(*, fp16: bool = False, bf16: bool = False, gra
 
     Args:
         fp16: the `fp16` training argument (transformers and accelerate pair it with a GradScaler).
-        bf16: the `bf16` training argument; accepted, listed for symmetry with the arguments.
+        bf16: the `bf16` training argument, always accepted.
         grad_scaler: a `torch.amp.GradScaler` if the training loop has one.
     """
-    del bf16  # bf16 autocast is safe; the argument mirrors TrainingArguments.
+    del bf16  # bf16 autocast needs no loss scaling, so any value is accepted.
     problems = []
     if fp16:
         problems.append(
@@ -356,12 +356,16 @@ class _Probe:
         saved_grads = {name: parameter.grad for name, parameter in self.parameters}
         saved_modes = {module: module.training for module in self.model.modules()}
         devices = sorted({p.device for _, p in self.parameters if p.device.type != "cpu"}, key=str)
+        saved_batch_size = self.engine._batch_size_override
+        if saved_batch_size is not None:
+            self.engine.set_batch_size(self.size)
         try:
             with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cpu"):
                 problems = self.check_training_pass()
                 if not problems:
                     problems = self.check_independence()
         finally:
+            self.engine.set_batch_size(saved_batch_size)
             for module, training in saved_modes.items():
                 module.training = training
             self.engine.clear_grad_samples()
@@ -387,7 +391,7 @@ def check_model_for_dp(
 
     Args:
         model: the model as it will be trained (PEFT already applied, in training mode).
-        engine: the PerExampleGradients attached to `model`; without one, a temporary
+        engine: the PerExampleGradients attached to `model`. Without one, a temporary
             engine is attached for the probe and removed afterwards.
         probe_batch: a collated training batch. Its first `probe_size` examples run one
             forward/backward in training mode. With two or more examples, the probe also

@@ -196,3 +196,13 @@ def test_loss_with_wrong_shape_reported():
     model = build_model("vit")
     problems = _problems(model, probe_batch=make_batch("vit"), loss_fn=lambda model, batch: per_example_losses(model, batch).mean())
     assert "one loss per example" in problems[0]
+
+
+def test_probe_with_fixed_batch_size():
+    model = build_model("vit")
+    engine = PerExampleGradients(model, batch_size=3)
+
+    check_model_for_dp(model, engine, probe_batch=make_batch("vit", 3))
+
+    per_example_losses(model, make_batch("vit", 3)).sum().backward()
+    assert model.classifier.weight.grad_sample.shape[0] == 3

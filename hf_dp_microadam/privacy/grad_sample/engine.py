@@ -142,7 +142,7 @@ class PerExampleGradients:
     def __init__(self, model: nn.Module, *, batch_size: int | None = None) -> None:
         if getattr(model, _ENGINE_ATTRIBUTE, None) is not None:
             raise ValueError(
-                "this model already has a PerExampleGradients engine attached; call remove() on it first"
+                "this model already has a PerExampleGradients engine attached: call remove() on it first"
             )
         self.model = model
         self._batch_size_override = batch_size
@@ -302,9 +302,9 @@ class PerExampleGradients:
             return self._batch_size_override
         if self._batch_size is None:
             raise RuntimeError(
-                f"the micro-batch size is unknown when {hooked.name or 'the model'} runs: call the model "
+                f"the micro-batch size is unknown when {hooked.name or 'the model'} runs. Call the model "
                 "that PerExampleGradients was attached to with its batch inputs (input_ids, pixel_values, ...), "
-                "or call set_batch_size(n)"
+                "or call set_batch_size(n)."
             )
         return self._batch_size
 
@@ -379,8 +379,8 @@ class PerExampleGradients:
             shapes = [tuple(grad.shape) for grad in output_grads]
             raise RuntimeError(
                 f"{name} produced outputs of shape {shapes} for a micro-batch of {call.batch_size} examples. "
-                "Per-example gradients need the batch on dimension 0 of every output of a trainable module; "
-                "a module that sees one shared input for the whole batch (batch dimension 1) mixes the "
+                "Per-example gradients need the batch on dimension 0 of every output of a trainable module. "
+                "A module that sees one shared input for the whole batch (batch dimension 1) mixes the "
                 "examples. If the batch size is wrong, call set_batch_size(n)."
             )
 
@@ -392,7 +392,7 @@ class PerExampleGradients:
         if inputs and isinstance(inputs[0], torch.Tensor) and (inputs[0].dim() == 0 or inputs[0].shape[0] != call.batch_size):
             raise RuntimeError(
                 f"{call.hooked.name} ({type(call.hooked.module).__name__}) received an input of shape "
-                f"{tuple(inputs[0].shape)} for a micro-batch of {call.batch_size} examples; per-example "
+                f"{tuple(inputs[0].shape)} for a micro-batch of {call.batch_size} examples, but per-example "
                 "gradients need the batch on dimension 0"
             )
         grad_samples = call.hooked.sampler(call.hooked.module, list(inputs), output_grad)

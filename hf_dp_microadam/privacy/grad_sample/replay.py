@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Upper bound on the elements of the batched output gradients built at once (n examples
-# times the module's output size); 2**24 float32 values are 64 MiB.
+# Upper bound on the elements of the batched output gradients built at once (examples per
+# chunk times the module's output size). 2**24 float32 values are 64 MiB.
 _MAX_BATCHED_COTANGENT_ELEMENTS = 2**24
 
 

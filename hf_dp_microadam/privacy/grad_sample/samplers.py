@@ -101,7 +101,7 @@ def _make_scale_grad_sampler(parameter_name: str) -> GradSampler:
     return compute_scale_grad_sample
 
 
-# Samplers by module class. Opacus' registry is copied at import; later entries replace it.
+# Samplers by module class: Opacus' registry as of import time, with the entries below replacing its own.
 _SAMPLERS: dict[type, GradSampler] = dict(GradSampleHooks.GRAD_SAMPLERS)
 _SAMPLERS[Conv1D] = compute_conv1d_grad_sample
 _SAMPLERS[nn.Embedding] = compute_embedding_grad_sample
