@@ -1,6 +1,6 @@
 """Update rules applied to the privatized gradient: MicroAdam and the baselines.
 
-Nothing here knows about privacy. Every rule is an ordinary `torch.optim.Optimizer`.
+The rules contain no privacy code. Every rule is an ordinary `torch.optim.Optimizer`.
 """
 
 from hf_dp_microadam.optim.adambc import AdamBC

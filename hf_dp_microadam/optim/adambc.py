@@ -83,7 +83,7 @@ class AdamBC(Optimizer):
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
-                    raise RuntimeError("AdamBC does not support sparse gradients")
+                    raise RuntimeError("AdamBC does not support sparse gradients. Use dense ones, e.g. nn.Embedding(sparse=False).")
                 state = self.state[param]
                 compute_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
                 if not state:

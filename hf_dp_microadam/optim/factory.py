@@ -64,4 +64,4 @@ def create_update_rule(
         )
     if rule == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown update rule {name!r}; valid names: {', '.join(UPDATE_RULES)}")
+    raise ValueError(f"unknown update rule {name!r}. Valid names: {', '.join(UPDATE_RULES)}.")

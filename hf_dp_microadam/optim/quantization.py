@@ -17,7 +17,7 @@ Layout:
 
 - ``bounds``: bfloat16 ``[2, buckets]``, row 0 the minima and row 1 the maxima.
 - ``codes``: uint8 ``[ceil(n / 2)]``, two codes per byte, in spans of 64 entries:
-  byte j of a span holds entry j in its low nibble and entry j + 32 in its high nibble.
+  byte j of a span contains entry j in its low nibble and entry j + 32 in its high nibble.
   A last span of r < 64 entries pairs entry j with entry j + ceil(r / 2), and for odd r
   its last high nibble is zero. Pairing entries 32 apart lets packing and unpacking run
   on contiguous runs of 32 entries, which is several times faster on CPU than pairing
@@ -34,10 +34,10 @@ import torch
 from torch import Tensor
 
 CODE_LEVELS = 15
-"""Largest 4-bit code; the step of a bucket is its range divided by this number."""
+"""Largest 4-bit code. The step of a bucket is its range divided by this number."""
 
 PACK_SPAN = 64
-"""Entries per packing span; byte j of a span holds entries j and j + PACK_SPAN / 2."""
+"""Entries per packing span. Byte j of a span contains entries j and j + PACK_SPAN / 2."""
 
 _HALF_SPAN = PACK_SPAN // 2
 

@@ -9,10 +9,10 @@ therefore a top k of the whole row (entries equal to v_k may be swapped for othe
 entries equal to v_k). The top k groups are found the same way, recursively.
 
 The groups are strided (entry j of group c is column c + j * w), so the group maxima
-are a reduction over a middle dimension, which PyTorch vectorizes on CPU. With k / n =
-0.01 and n = 32768 this is about 2.3x faster on CPU than `torch.topk` on the full rows
-(one thread, float32, torch 2.13 on an AMD EPYC; measured with `benchmarks/optimizer_step.py`
-stage timings), and identical in result up to ties.
+are a reduction over a middle dimension, which PyTorch vectorizes on CPU. On rows of
+32768 float32 entries with k = 328, this took 1.9 ns per entry against 5.0 ns for
+`torch.topk` on the full rows (one thread of an AMD EPYC, torch 2.13), with the same
+result up to ties.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 _MIN_GROUPED_ROW = 1024
-"""Shorter rows go straight to torch.topk: the extra kernels would cost more than they save."""
+"""Shorter rows go straight to torch.topk, because there the extra kernel calls cost about what they save."""
 
 
 def topk_indices(values: Tensor, k: int) -> Tensor:

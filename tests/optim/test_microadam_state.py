@@ -246,6 +246,25 @@ def test_float64_parameter_keeps_precision():
     assert bool((param.detach() != 1.0).all())
 
 
+def test_float16_parameter_tracks_float32_run():
+    start = torch.randn(3000, generator=torch.Generator().manual_seed(13))
+    half = nn.Parameter(start.half())
+    full = nn.Parameter(start.half().float())
+    optimizers = [MicroAdam([half], lr=1e-2, density=0.05), MicroAdam([full], lr=1e-2, density=0.05)]
+    generator = torch.Generator().manual_seed(14)
+    for _ in range(5):
+        gradient = torch.randn(start.shape, generator=generator).half()
+        half.grad = gradient.clone()
+        full.grad = gradient.float()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert half.dtype == torch.float16
+    assert optimizers[0].state[half]["window_values"].dtype == torch.bfloat16
+    # Same selections and float32 arithmetic. Only theta's rounding to float16 differs:
+    # at most half an ulp (2^-11 relative) per step, so below 5 * 2^-11 after 5 steps.
+    torch.testing.assert_close(half.detach().float(), full.detach(), rtol=2.0**-8, atol=1e-6)
+
+
 def test_changed_layout_settings_rejected():
     param = nn.Parameter(torch.randn(100))
     optimizer = MicroAdam([param], density=0.1)
