@@ -16,7 +16,8 @@ from grad_sample_helpers import (
     text_batch,
     trainable_parameters,
 )
-from transformers import Dinov2Config
+from peft import LoraConfig, get_peft_model
+from transformers import BeitConfig, BeitForImageClassification, Dinov2Config, SwinConfig, SwinForImageClassification
 from transformers.models.dinov2.modeling_dinov2 import Dinov2LayerScale
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -305,14 +306,119 @@ class _SharedInputModel(nn.Module):
         self.projection = nn.Linear(4, 4)
 
     def forward(self, inputs):
-        return inputs + self.projection(self.shared)
+        return inputs * self.projection(self.shared)
 
 
-def test_shared_input_of_batch_one_raises():
-    model = _SharedInputModel().train()
+def test_shared_computation_replayed_by_enclosing_call():
+    model = _SharedInputModel().double().train()
+    batch = {"inputs": torch.randn(3, 4, dtype=torch.float64), "labels": torch.zeros(3)}
+
+    def loss_fn(model, batch):
+        return model(batch["inputs"]).sum(dim=1)
+
+    expected = reference_per_example_gradients(model, batch, loss_fn)
     PerExampleGradients(model)
-    with pytest.raises(RuntimeError, match="batch on dimension 0"):
-        model(torch.randn(3, 4)).pow(2).sum().backward()
+    actual = engine_per_example_gradients(model, batch, loss_fn)
+
+    assert_gradients_match(actual, expected)
+
+
+class _SharedAndBatchedCalls(nn.Module):
+    """Calls one Linear layer on a shared input and on the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Parameter(torch.randn(1, 4), requires_grad=False)
+        self.projection = nn.Linear(4, 4)
+
+    def forward(self, inputs):
+        return self.projection(inputs) * self.projection(self.shared)
+
+
+def test_shared_and_batched_calls_of_one_layer():
+    model = _SharedAndBatchedCalls().double().train()
+    batch = {"inputs": torch.randn(3, 4, dtype=torch.float64), "labels": torch.zeros(3)}
+
+    def loss_fn(model, batch):
+        return model(batch["inputs"]).pow(2).sum(dim=1)
+
+    expected = reference_per_example_gradients(model, batch, loss_fn)
+    PerExampleGradients(model)
+    actual = engine_per_example_gradients(model, batch, loss_fn)
+
+    assert_gradients_match(actual, expected)
+
+
+def _tiny_swin():
+    torch.manual_seed(0)
+    config = SwinConfig(
+        image_size=8,
+        patch_size=2,
+        embed_dim=8,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=2,
+        mlp_ratio=2.0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+        num_labels=3,
+    )
+    return SwinForImageClassification(config).double().train()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "checkpointing"])
+def test_swin_relative_position_bias(mode):
+    """Swin computes its relative position bias once per batch and attends within flattened windows."""
+    model = _tiny_swin()
+    if mode == "lora":
+        config = LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], init_lora_weights=False)
+        model = get_peft_model(model, config)
+    batch = make_batch("vit")
+    expected = reference_per_example_gradients(model, batch)
+    if mode == "checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    PerExampleGradients(model)
+
+    actual = engine_per_example_gradients(model, batch)
+
+    assert any("relative_position_bias_table" in name for name in actual) == (mode != "lora")
+    assert_gradients_match(actual, expected)
+
+
+def test_swin_reentrant_checkpointing_raises():
+    model = _tiny_swin()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    PerExampleGradients(model)
+    with pytest.raises(RuntimeError, match="use_reentrant=True"):
+        per_example_losses(model, make_batch("vit")).sum().backward()
+
+
+def test_beit_layer_scale_and_relative_bias():
+    torch.manual_seed(0)
+    config = BeitConfig(
+        image_size=8,
+        patch_size=4,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        use_relative_position_bias=True,
+        layer_scale_init_value=0.1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+        num_labels=3,
+    )
+    model = BeitForImageClassification(config).double().train()
+    batch = make_batch("vit")
+    expected = reference_per_example_gradients(model, batch)
+    PerExampleGradients(model)
+
+    actual = engine_per_example_gradients(model, batch)
+
+    assert "beit.layers.0.lambda_1" in actual
+    assert_gradients_match(actual, expected)
 
 
 class _WeightReadDirectly(nn.Module):

@@ -16,6 +16,13 @@ How a micro-batch of n examples is processed:
    gradients, with a layer formula (`samplers.py`) or by replaying the module
    (`replay.py`), and adds them to `p.grad_sample`. A parameter used by several modules
    (GPT-2's tied `wte` and `lm_head`) gets the sum of all its uses.
+   A module call whose outputs do not have the batch on dimension 0 cannot be split per
+   example at its own output. Examples are Swin's relative position bias, computed once
+   for the whole batch, and layers on flattened windows or tokens. Such a call is deferred
+   to the closest enclosing module call whose outputs are batched. In the backward that
+   call is replayed, with proxy copies of the deferred calls' parameters, and the
+   gradients with respect to the proxies are split per example. That costs one backward
+   through the enclosing module per example.
 4. At the end of the backward, every covered trainable parameter that no hook reached
    gets zeros, and a parameter that received `p.grad` but no per-example gradient (used
    outside any module call) raises an error.
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -38,8 +45,17 @@ import torch.nn as nn
 from torch.autograd.graph import register_multi_grad_hook
 from torch.utils import _pytree as pytree
 
-from .replay import ForwardState, capture_forward_state, per_example_vjp, restored_forward_state
-from .samplers import GradSampler, find_grad_sampler, unsupported_module_reason
+from .calls import (
+    CapturedCall,
+    Frame,
+    HookedModule,
+    parameter_slots,
+    restore_parameters,
+    restoring_swaps,
+    swap_in_proxies,
+)
+from .replay import capture_forward_state, per_example_vjp, restored_forward_state
+from .samplers import find_grad_sampler, unsupported_module_reason
 
 # Model inputs that carry the batch on dimension 0, in the order they are tried.
 _BATCH_INPUT_NAMES = (
@@ -93,27 +109,13 @@ def _is_token_embedding(module: nn.Module) -> bool:
 
 
 @dataclass
-class _HookedModule:
-    name: str
-    module: nn.Module
-    parameters: list[nn.Parameter]
-    sampler: GradSampler | None
-    # States recorded by the pre-hook of calls whose forward hook has not run yet.
-    pending_states: list[ForwardState] = field(default_factory=list)
+class _ReplayPlan:
+    """State of a replay of an enclosing call for its deferred calls."""
 
-
-@dataclass
-class _CapturedCall:
-    """Inputs and bookkeeping that a forward hook keeps for the backward of one module call."""
-
-    hooked: _HookedModule
-    args: tuple
-    kwargs: dict
-    versions: list[tuple[torch.Tensor, int]]
+    deferred_calls: dict[int, HookedModule]
+    proxies: dict[int, torch.Tensor]
     batch_size: int
-    generation: int
-    state: ForwardState | None = None
-    output_leaf_indices: list[int] = field(default_factory=list)
+    next_index: int = 0
 
 
 class PerExampleGradients:
@@ -148,11 +150,14 @@ class PerExampleGradients:
         self._batch_size_override = batch_size
         self._batch_size: int | None = None
         self._generation = 0
+        self._call_sequence = 0
         self._enabled = True
         self._replaying = False
+        self._replay: _ReplayPlan | None = None
         self._capture_in_eval = False
         self._callback_queued = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._frames: list[Frame] = []
         self._covered: dict[int, nn.Parameter] = {}
         self._names: dict[int, str] = {}
         self._grad_sample_generation: dict[int, int] = {}
@@ -223,6 +228,7 @@ class PerExampleGradients:
             self._names.setdefault(id(parameter), name)
 
         problems = []
+        hooked_names = []
         for module_name, module in self.model.named_modules():
             if isinstance(module, (nn.ParameterDict, nn.ParameterList)):
                 continue  # never called, covered through the module that reads it
@@ -237,8 +243,15 @@ class PerExampleGradients:
             sampler = find_grad_sampler(module)
             if sampler is not None and not all(id(p) in own_parameters for _, p in owned):
                 sampler = None
-            hooked = _HookedModule(module_name, module, [p for _, p in owned], sampler)
-            self._register_module_hooks(hooked)
+            slots = parameter_slots(module, [name for name, _ in owned])
+            hooked = HookedModule(module_name, module, [p for _, p in owned], slots, sampler)
+            self._handles.append(
+                module.register_forward_pre_hook(partial(self._before_hooked_call, hooked), with_kwargs=True)
+            )
+            self._handles.append(
+                module.register_forward_hook(partial(self._after_hooked_call, hooked), with_kwargs=True)
+            )
+            hooked_names.append(module_name)
             for _, parameter in owned:
                 self._covered[id(parameter)] = parameter
         if problems:
@@ -249,36 +262,38 @@ class PerExampleGradients:
                 + ". Freeze them with requires_grad_(False) or change their configuration."
             )
 
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+        self._register_frame_hooks(hooked_names)
+        # Prepended last, so that it runs before every other hook of the model.
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True, prepend=True)
+        )
         for parameter in self._covered.values():
             parameter.grad_sample = None
             self._handles.append(parameter.register_post_accumulate_grad_hook(self._on_grad_accumulated))
 
-    def _register_module_hooks(self, hooked: _HookedModule) -> None:
-        module = hooked.module
-        if _is_token_embedding(module):
-            self._handles.append(module.register_forward_pre_hook(self._expand_embedding_index))
-        if hooked.sampler is not None:
+    def _register_frame_hooks(self, hooked_names: list[str]) -> None:
+        """Give every module that encloses a hooked module the hooks of a possible replay."""
+        modules = dict(self.model.named_modules())
+        ancestors = set()
+        for name in hooked_names:
+            parts = name.split(".") if name else []
+            ancestors.update(".".join(parts[:length]) for length in range(len(parts)))
+        device = next((p.device for p in self._covered.values()), torch.device("cpu"))
+        for name in sorted(ancestors):
+            module = modules[name]
+            # Prepended, so that a frame starts before the module's own hooked call is numbered.
             self._handles.append(
-                module.register_forward_hook(partial(self._capture_for_sampler, hooked), with_kwargs=True)
+                module.register_forward_pre_hook(partial(self._push_frame, name, device), prepend=True)
             )
-        else:
-            self._handles.append(
-                module.register_forward_pre_hook(partial(self._record_forward_state, hooked), with_kwargs=True)
-            )
-            self._handles.append(
-                module.register_forward_hook(partial(self._capture_for_replay, hooked), with_kwargs=True)
-            )
+            self._handles.append(module.register_forward_hook(partial(self._pop_frame, name), with_kwargs=True))
 
     # ---- forward hooks ----
 
+    def _counts_as_call(self, module: nn.Module) -> bool:
+        return self._enabled and torch.is_grad_enabled() and (module.training or self._capture_in_eval)
+
     def _is_capturing(self, module: nn.Module) -> bool:
-        return (
-            self._enabled
-            and not self._replaying
-            and torch.is_grad_enabled()
-            and (module.training or self._capture_in_eval)
-        )
+        return not self._replaying and self._counts_as_call(module)
 
     def _on_model_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._is_capturing(model):
@@ -293,11 +308,12 @@ class PerExampleGradients:
                 "then attach a new PerExampleGradients."
             )
         self._generation += 1
+        self._frames.clear()
         self._batch_size = self._batch_size_override or infer_batch_size(args, kwargs)
         self._contributed.clear()
         self._grad_received.clear()
 
-    def _current_batch_size(self, hooked: _HookedModule) -> int:
+    def _current_batch_size(self, hooked: HookedModule) -> int:
         if self._batch_size_override is not None:
             return self._batch_size_override
         if self._batch_size is None:
@@ -308,48 +324,148 @@ class PerExampleGradients:
             )
         return self._batch_size
 
-    def _expand_embedding_index(self, module: nn.Module, args: tuple):
-        if not self._is_capturing(module) or not args or not isinstance(args[0], torch.Tensor):
-            return None
+    @staticmethod
+    def _expand_index(module: nn.Module, args: tuple, batch_size: int | None) -> tuple:
+        """Expand an embedding's index of batch 1 (HF's default [1, T] position_ids) to the batch size."""
+        if not _is_token_embedding(module) or not args or not isinstance(args[0], torch.Tensor):
+            return args
         index = args[0]
-        batch_size = self._batch_size_override or self._batch_size
         if batch_size is None or batch_size == 1 or index.dim() == 0 or index.shape[0] != 1:
-            return None
-        # A [1, T] index (HF's default position_ids) broadcast later: give each example its own rows.
+            return args
         return (index.expand(batch_size, *index.shape[1:]),) + tuple(args[1:])
 
-    def _capture_for_sampler(self, hooked: _HookedModule, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    def _before_hooked_call(self, hooked: HookedModule, module: nn.Module, args: tuple, kwargs: dict):
+        if self._replay is not None:
+            return self._before_replayed_call(hooked, module, args, kwargs)
         if not self._is_capturing(module):
+            return None
+        sequence = self._call_sequence
+        self._call_sequence += 1
+        state = capture_forward_state(hooked.parameters[0].device) if hooked.sampler is None else None
+        hooked.pending_calls.append((sequence, state))
+        expanded = self._expand_index(module, args, self._batch_size_override or self._batch_size)
+        return None if expanded is args else (expanded, kwargs)
+
+    def _before_replayed_call(self, hooked: HookedModule, module: nn.Module, args: tuple, kwargs: dict):
+        """Number the call inside a replay, and give a deferred call its proxy parameters."""
+        if not self._counts_as_call(module):
+            return None
+        plan = self._replay
+        index = plan.next_index
+        plan.next_index += 1
+        target = plan.deferred_calls.get(index)
+        if target is not None and target is not hooked:
+            raise RuntimeError(
+                f"a replay ran {hooked.name} where the forward ran {target.name}, but per-example "
+                "gradients need a forward that repeats the same module calls for the same inputs"
+            )
+        hooked.replay_swaps.append(swap_in_proxies(hooked, plan.proxies) if target is not None else None)
+        expanded = self._expand_index(module, args, plan.batch_size)
+        return None if expanded is args else (expanded, kwargs)
+
+    def _after_hooked_call(self, hooked: HookedModule, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if self._replay is not None:
+            if self._counts_as_call(module) and hooked.replay_swaps:
+                swapped = hooked.replay_swaps.pop()
+                if swapped:
+                    restore_parameters(swapped)
             return
-        if not isinstance(output, torch.Tensor):
+        if not self._is_capturing(module) or not hooked.pending_calls:
+            return
+        sequence, state = hooked.pending_calls.pop()
+        if hooked.sampler is not None and not isinstance(output, torch.Tensor):
             raise RuntimeError(
                 f"{hooked.name} ({type(module).__name__}) returned {type(output).__name__}, but its grad sampler "
                 "expects a single tensor output"
             )
-        if not output.requires_grad:
-            return
-        # Grad samplers take the inputs positionally, in the order of the forward signature.
-        call = self._capture_call(hooked, tuple(args) + tuple(kwargs.values()), {})
-        output.register_hook(partial(self._backward_with_sampler, call))
-
-    def _record_forward_state(self, hooked: _HookedModule, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._is_capturing(module):
-            hooked.pending_states.append(capture_forward_state(hooked.parameters[0].device))
-
-    def _capture_for_replay(self, hooked: _HookedModule, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if not self._is_capturing(module) or not hooked.pending_states:
-            return
-        state = hooked.pending_states.pop()
         leaves = pytree.tree_leaves(output)
         indices = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-        if not indices:
+        if not indices or self._defer_if_shared(hooked, sequence, [leaves[i] for i in indices]):
             return
-        call = self._capture_call(hooked, args, kwargs)
-        call.state = state
-        call.output_leaf_indices = indices
-        register_multi_grad_hook([leaves[i] for i in indices], partial(self._backward_with_replay, call))
 
-    def _capture_call(self, hooked: _HookedModule, args: tuple, kwargs: dict) -> _CapturedCall:
+        if hooked.sampler is not None:
+            # Grad samplers take the inputs positionally, in the order of the forward signature.
+            call = self._capture_call(hooked, tuple(args) + tuple(kwargs.values()), {})
+            output.register_hook(partial(self._backward_with_sampler, call))
+        else:
+            call = self._capture_call(hooked, args, kwargs)
+            call.state = state
+            call.output_leaf_indices = indices
+            register_multi_grad_hook([leaves[i] for i in indices], partial(self._backward_with_replay, call))
+
+    def _is_batched(self, outputs: list[torch.Tensor], batch_size: int) -> bool:
+        # NOTE: a shared tensor whose first dimension happens to equal the micro-batch size
+        # (for example a [heads, T, T] bias with heads == n) passes as batched.
+        return all(output.dim() > 0 and output.shape[0] == batch_size for output in outputs)
+
+    def _defer_if_shared(self, hooked: HookedModule, sequence: int, outputs: list[torch.Tensor]) -> bool:
+        """Hand the call to the enclosing call if its outputs are not batched.
+
+        Returns True when the call needs no per-example hook of its own.
+        """
+        batch_size = self._current_batch_size(hooked)
+        if self._is_batched(outputs, batch_size):
+            return False
+        frame = next((f for f in reversed(self._frames) if f.module is not hooked.module), None)
+        if frame is not None:
+            frame.deferred.append((sequence, hooked))
+            return True
+        if torch._C._current_graph_task_id() != -1:
+            # A recomputation inside the backward (gradient checkpointing). Its outputs
+            # receive no gradient from a non-reentrant checkpoint, and with a reentrant one
+            # the end-of-backward check reports the parameters as missed.
+            return True
+        self._raise_not_separable(hooked.name, type(hooked.module).__name__, outputs, batch_size)
+
+    @staticmethod
+    def _raise_not_separable(name: str, class_name: str, outputs: list[torch.Tensor], batch_size: int):
+        shapes = [tuple(output.shape) for output in outputs]
+        raise RuntimeError(
+            f"{name} ({class_name}) produced outputs of shape {shapes} for a micro-batch of {batch_size} "
+            "examples, and no enclosing module call has outputs with the batch on dimension 0, so its "
+            "per-example gradients cannot be separated. Freeze its parameters with requires_grad_(False), "
+            "or call set_batch_size(n) if the batch size is wrong."
+        )
+
+    def _push_frame(self, name: str, device: torch.device, module: nn.Module, args: tuple) -> None:
+        if self._is_capturing(module):
+            self._frames.append(Frame(name, module, capture_forward_state(device), self._call_sequence))
+
+    def _pop_frame(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if not self._is_capturing(module):
+            return
+        # Discard frames of calls that raised before their forward hook ran.
+        while self._frames and self._frames[-1].module is not module:
+            self._frames.pop()
+        if not self._frames:
+            return
+        frame = self._frames.pop()
+        if not frame.deferred:
+            return
+
+        leaves = pytree.tree_leaves(output)
+        indices = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+        outputs = [leaves[i] for i in indices]
+        if not outputs:
+            return
+        batch_size = self._batch_size_override or self._batch_size
+        if not self._is_batched(outputs, batch_size):
+            if self._frames:
+                self._frames[-1].deferred.extend(frame.deferred)
+            elif torch._C._current_graph_task_id() == -1:
+                first = frame.deferred[0][1]
+                self._raise_not_separable(first.name, type(first.module).__name__, outputs, batch_size)
+            return
+
+        parameters = list({id(p): p for _, deferred in frame.deferred for p in deferred.parameters}.values())
+        hooked = HookedModule(name, module, parameters, slots=[], sampler=None)
+        call = self._capture_call(hooked, args, kwargs)
+        call.state = frame.state
+        call.output_leaf_indices = indices
+        call.deferred_calls = {sequence - frame.start: deferred for sequence, deferred in frame.deferred}
+        register_multi_grad_hook(outputs, partial(self._backward_with_frame_replay, call))
+
+    def _capture_call(self, hooked: HookedModule, args: tuple, kwargs: dict) -> CapturedCall:
         # NOTE: under non-reentrant gradient checkpointing these references keep the inputs
         # of hooked modules alive from the first forward until the backward, so checkpointing
         # saves less memory for them (the per-example gradients stay exact).
@@ -362,11 +478,11 @@ class PerExampleGradients:
             return value.detach()
 
         args, kwargs = pytree.tree_map(detach, (tuple(args), dict(kwargs)))
-        return _CapturedCall(hooked, args, kwargs, versions, self._current_batch_size(hooked), self._generation)
+        return CapturedCall(hooked, args, kwargs, versions, self._current_batch_size(hooked), self._generation)
 
     # ---- backward hooks ----
 
-    def _check_call(self, call: _CapturedCall, output_grads: list[torch.Tensor]) -> None:
+    def _check_call(self, call: CapturedCall, output_grads: list[torch.Tensor]) -> None:
         name = f"{call.hooked.name} ({type(call.hooked.module).__name__})"
         for tensor, version in call.versions:
             if tensor._version != version:
@@ -384,7 +500,7 @@ class PerExampleGradients:
                 "examples. If the batch size is wrong, call set_batch_size(n)."
             )
 
-    def _backward_with_sampler(self, call: _CapturedCall, output_grad: torch.Tensor) -> None:
+    def _backward_with_sampler(self, call: CapturedCall, output_grad: torch.Tensor) -> None:
         if not self._enabled:
             return
         self._check_call(call, [output_grad])
@@ -400,7 +516,8 @@ class PerExampleGradients:
             self._add_grad_sample(parameter, grad_sample, call)
         self._queue_end_of_backward(call)
 
-    def _backward_with_replay(self, call: _CapturedCall, output_grads) -> None:
+    def _backward_with_replay(self, call: CapturedCall, output_grads) -> None:
+        """Replay a module call and take per-example gradients of the module's own parameters."""
         if not self._enabled:
             return
         pairs = [(index, grad) for index, grad in zip(call.output_leaf_indices, output_grads) if grad is not None]
@@ -408,11 +525,10 @@ class PerExampleGradients:
             return
         self._check_call(call, [grad for _, grad in pairs])
 
-        module = call.hooked.module
         self._replaying = True
         try:
             with restored_forward_state(call.state), torch.enable_grad():
-                replayed = pytree.tree_leaves(module(*call.args, **call.kwargs))
+                replayed = pytree.tree_leaves(call.hooked.module(*call.args, **call.kwargs))
             outputs = [replayed[index] for index, _ in pairs]
             grads = per_example_vjp(outputs, [grad for _, grad in pairs], call.hooked.parameters, call.batch_size)
         finally:
@@ -423,7 +539,46 @@ class PerExampleGradients:
                 self._add_grad_sample(parameter, grad_sample, call)
         self._queue_end_of_backward(call)
 
-    def _add_grad_sample(self, parameter: nn.Parameter, grad_sample: torch.Tensor, call: _CapturedCall) -> None:
+    def _backward_with_frame_replay(self, call: CapturedCall, output_grads) -> None:
+        """Replay an enclosing call and take per-example gradients through its deferred calls only.
+
+        The deferred calls run with proxy copies of their parameters, so that other calls
+        of the same modules, which have their own hooks, are not counted twice.
+        """
+        if not self._enabled:
+            return
+        pairs = [(index, grad) for index, grad in zip(call.output_leaf_indices, output_grads) if grad is not None]
+        if not pairs:
+            return
+        self._check_call(call, [grad for _, grad in pairs])
+
+        parameters = call.hooked.parameters
+        proxies = {id(p): p.detach().requires_grad_(True) for p in parameters}
+        deferred_modules = list({id(h): h for h in call.deferred_calls.values()}.values())
+        self._replay = _ReplayPlan(call.deferred_calls, proxies, call.batch_size)
+        self._replaying = True
+        try:
+            with restoring_swaps(deferred_modules), restored_forward_state(call.state), torch.enable_grad():
+                replayed = pytree.tree_leaves(call.hooked.module(*call.args, **call.kwargs))
+            if self._replay.next_index <= max(call.deferred_calls):
+                raise RuntimeError(
+                    f"a replay of {call.hooked.name} made fewer module calls than its forward, but per-example "
+                    "gradients need a forward that repeats the same module calls for the same inputs"
+                )
+            outputs = [replayed[index] for index, _ in pairs]
+            grads = per_example_vjp(
+                outputs, [grad for _, grad in pairs], [proxies[id(p)] for p in parameters], call.batch_size
+            )
+        finally:
+            self._replay = None
+            self._replaying = False
+
+        for parameter, grad_sample in zip(parameters, grads):
+            if grad_sample is not None:
+                self._add_grad_sample(parameter, grad_sample, call)
+        self._queue_end_of_backward(call)
+
+    def _add_grad_sample(self, parameter: nn.Parameter, grad_sample: torch.Tensor, call: CapturedCall) -> None:
         key = id(parameter)
         if key not in self._covered or not parameter.requires_grad:
             return
@@ -450,7 +605,7 @@ class PerExampleGradients:
     def _on_grad_accumulated(self, parameter: torch.Tensor) -> None:
         self._grad_received.add(id(parameter))
 
-    def _queue_end_of_backward(self, call: _CapturedCall) -> None:
+    def _queue_end_of_backward(self, call: CapturedCall) -> None:
         if self._callback_queued:
             return
         self._callback_queued = True
@@ -480,8 +635,9 @@ class PerExampleGradients:
             raise RuntimeError(
                 f"these parameters received a gradient but no per-example gradient: {', '.join(missed)}. "
                 "They are used outside a call of the module that owns them (for example a weight read as "
-                "module.weight by another module), which the per-example hooks cannot see. Freeze them with "
-                "requires_grad_(False)."
+                "module.weight by another module), which the per-example hooks cannot see, or inside a "
+                "layer checkpointed with use_reentrant=True in a computation shared by the whole batch. "
+                "Freeze them with requires_grad_(False)."
             )
 
     def __repr__(self) -> str:
