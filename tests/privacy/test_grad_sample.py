@@ -349,6 +349,41 @@ def test_shared_and_batched_calls_of_one_layer():
     assert_gradients_match(actual, expected)
 
 
+class _HeadBias(nn.Module):
+    """Returns a [heads, width] table without any input, like a relative position bias module."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(heads, 4))
+
+    def forward(self):
+        return self.table * 2
+
+
+class _BroadcastHeadBias(nn.Module):
+    def __init__(self, heads):
+        super().__init__()
+        self.bias = _HeadBias(heads)
+
+    def forward(self, inputs):
+        return (inputs[:, None, :] + self.bias()[None]).tanh()
+
+
+def test_shared_output_with_batch_sized_first_dimension():
+    """The bias has 3 rows like the batch, but each row reaches every example."""
+    model = _BroadcastHeadBias(heads=3).double().train()
+    batch = {"inputs": torch.randn(3, 4, dtype=torch.float64), "labels": torch.zeros(3)}
+
+    def loss_fn(model, batch):
+        return model(batch["inputs"]).pow(2).sum(dim=(1, 2))
+
+    expected = reference_per_example_gradients(model, batch, loss_fn)
+    PerExampleGradients(model)
+    actual = engine_per_example_gradients(model, batch, loss_fn)
+
+    assert_gradients_match(actual, expected)
+
+
 def _tiny_swin():
     torch.manual_seed(0)
     config = SwinConfig(
@@ -399,7 +434,7 @@ def test_beit_layer_scale_and_relative_bias():
     config = BeitConfig(
         image_size=8,
         patch_size=4,
-        hidden_size=16,
+        hidden_size=12,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
@@ -411,7 +446,7 @@ def test_beit_layer_scale_and_relative_bias():
         num_labels=3,
     )
     model = BeitForImageClassification(config).double().train()
-    batch = make_batch("vit")
+    batch = make_batch("vit", 3)
     expected = reference_per_example_gradients(model, batch)
     PerExampleGradients(model)
 

@@ -380,7 +380,8 @@ class PerExampleGradients:
             )
         leaves = pytree.tree_leaves(output)
         indices = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-        if not indices or self._defer_if_shared(hooked, sequence, [leaves[i] for i in indices]):
+        outputs = [leaves[i] for i in indices]
+        if not indices or self._defer_if_shared(hooked, sequence, (args, kwargs), outputs):
             return
 
         if hooked.sampler is not None:
@@ -391,20 +392,31 @@ class PerExampleGradients:
             call = self._capture_call(hooked, args, kwargs)
             call.state = state
             call.output_leaf_indices = indices
-            register_multi_grad_hook([leaves[i] for i in indices], partial(self._backward_with_replay, call))
+            register_multi_grad_hook(outputs, partial(self._backward_with_replay, call))
 
-    def _is_batched(self, outputs: list[torch.Tensor], batch_size: int) -> bool:
+    @staticmethod
+    def _is_batched(inputs, outputs: list[torch.Tensor], batch_size: int) -> bool:
+        """Return whether a call can be split per example at its outputs.
+
+        Every output must have the batch on dimension 0, and so must at least one tensor
+        input: a call without batched inputs (Swin's and BEiT's relative position bias
+        modules take none) computes something shared by the whole batch.
+        """
         # NOTE: a shared tensor whose first dimension happens to equal the micro-batch size
-        # (for example a [heads, T, T] bias with heads == n) passes as batched.
-        return all(output.dim() > 0 and output.shape[0] == batch_size for output in outputs)
+        # passes as batched when it also reaches the call through a batched-looking input.
+        def has_batch(tensor: torch.Tensor) -> bool:
+            return tensor.dim() > 0 and tensor.shape[0] == batch_size
 
-    def _defer_if_shared(self, hooked: HookedModule, sequence: int, outputs: list[torch.Tensor]) -> bool:
-        """Hand the call to the enclosing call if its outputs are not batched.
+        input_tensors = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
+        return all(has_batch(output) for output in outputs) and any(has_batch(t) for t in input_tensors)
+
+    def _defer_if_shared(self, hooked: HookedModule, sequence: int, inputs, outputs: list[torch.Tensor]) -> bool:
+        """Hand the call to the enclosing call if it cannot be split per example at its outputs.
 
         Returns True when the call needs no per-example hook of its own.
         """
         batch_size = self._current_batch_size(hooked)
-        if self._is_batched(outputs, batch_size):
+        if self._is_batched(inputs, outputs, batch_size):
             return False
         frame = next((f for f in reversed(self._frames) if f.module is not hooked.module), None)
         if frame is not None:
@@ -449,7 +461,7 @@ class PerExampleGradients:
         if not outputs:
             return
         batch_size = self._batch_size_override or self._batch_size
-        if not self._is_batched(outputs, batch_size):
+        if not self._is_batched((args, kwargs), outputs, batch_size):
             if self._frames:
                 self._frames[-1].deferred.extend(frame.deferred)
             elif torch._C._current_graph_task_id() == -1:
