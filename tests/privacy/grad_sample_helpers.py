@@ -7,8 +7,6 @@ backward per example.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
@@ -25,12 +23,8 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
-from transformers.utils import logging as transformers_logging
 
 from hf_dp_microadam.privacy.losses import compute_per_example_losses
-
-transformers_logging.set_verbosity_error()
-warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 VOCAB_SIZE = 40
 PAD_TOKEN_ID = 0
