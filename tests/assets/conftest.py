@@ -13,10 +13,15 @@ TINY_VOCABULARY = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>", "a", "good", "bad
 
 
 @pytest.fixture(autouse=True)
-def clear_asset_overrides(monkeypatch):
-    """Remove every override variable of the caller's environment from the test."""
+def clear_asset_overrides(request, monkeypatch):
+    """Remove the caller's override variables from unit tests.
+
+    Integration tests keep them, so that they load the assets from where this machine has them.
+    """
     import os
 
+    if request.node.get_closest_marker("integration") is not None:
+        return
     for name in list(os.environ):
         if name.startswith(ENV_PREFIX):
             monkeypatch.delenv(name)

@@ -167,7 +167,7 @@ def test_dinov2_converts_on_first_load(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_sizes_and_classes():
-    from hf_dp_microadam.assets.registry import FASHION_MNIST_DEBIAN_DIR
+    from hf_dp_microadam.assets.locate import locate_fashion_mnist
 
     splits = assets.load_dataset_dict("fashion-mnist")
 
@@ -178,7 +178,8 @@ def test_fashion_mnist_sizes_and_classes():
     image = splits["test"][0]["image"]
     assert image.mode == "L"
     assert image.size == (28, 28)
-    raw_test_images = assets.read_idx(FASHION_MNIST_DEBIAN_DIR / "t10k-images-idx3-ubyte.gz")
+    folder = locate_fashion_mnist(assets.OFFLINE_DATASETS["fashion-mnist"])
+    raw_test_images = assets.read_idx(folder / "t10k-images-idx3-ubyte.gz")
     np.testing.assert_array_equal(np.asarray(image), raw_test_images[0])
 
 
