@@ -126,9 +126,16 @@ class MicroAdam(Optimizer):
     At the defaults that is 0.5 + 4 * window * density + 4 / quant_bucket = 0.9625 bytes
     per entry, plus the round-up of k_b on small blocks (Adam: 8 bytes).
 
-    Arithmetic runs in float32 for float32, bfloat16 and float16 parameters; float64
+    Arithmetic runs in float32 for float32, bfloat16 and float16 parameters. float64
     parameters are updated in float64 from a float32 u. On CPU each tensor is processed
     in chunks of whole blocks that fit in the CPU caches.
+
+    Speed: on 20M float32 parameters with one thread of a 2-core AMD EPYC (torch 2.13),
+    a step took about 2x as long as `torch.optim.AdamW(foreach=True)`; measure yours with
+    `benchmarks/optimizer_step.py`. Top-k selection is the largest part.
+
+    NOTE: every parameter tensor costs a few hundred PyTorch calls per step, about 0.3 ms
+    on that CPU, so models with many small tensors (biases, norms) pay that per tensor.
 
     Args:
         params: parameters or parameter groups. Every group may set its own values of
@@ -323,8 +330,8 @@ def _check_state(state: dict, param: Tensor, layout: BlockLayout, group: dict) -
 class _Workspace:
     """Scratch memory of one step on one device, shared by the parameters on that device.
 
-    Holds three float32 buffers of one chunk and the block-start offsets of each chunk
-    shape seen in the step.
+    Contains three float32 buffers of one chunk, and caches the block-start offsets of
+    each chunk shape and the window decay powers of each step count seen in the step.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -332,12 +339,28 @@ class _Workspace:
         self.chunk_target = _CPU_CHUNK_TARGET if device.type == "cpu" else _ACCELERATOR_CHUNK_TARGET
         self._buffers: list[Tensor] = []
         self._block_starts: dict[tuple[int, int, int, int], Tensor] = {}
+        self._decay_powers: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def buffers(self, numel: int) -> list[Tensor]:
         """Return three float32 buffers of at least `numel` entries."""
         if not self._buffers or self._buffers[0].numel() < numel:
             self._buffers = [torch.empty(numel, dtype=torch.float32, device=self.device) for _ in range(3)]
         return self._buffers
+
+    def decay_powers(self, slot: int, filled: int, window: int, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+        """Return float32 columns beta1^age and beta2^age of the filled window slots.
+
+        Slot r has age (slot - r) mod window, and only slots 0 .. filled - 1 have been
+        written. The powers are computed on the workspace's device, so no copy waits, and
+        are shared by the parameters that are at the same step.
+        """
+        key = (slot, filled, window, beta1, beta2)
+        powers = self._decay_powers.get(key)
+        if powers is None:
+            ages = torch.arange(filled, device=self.device).neg_().add_(slot).remainder_(window).double()
+            powers = tuple(torch.pow(beta, ages).float().unsqueeze_(1) for beta in (beta1, beta2))
+            self._decay_powers[key] = powers
+        return powers
 
     def block_starts(self, layout: BlockLayout, full_blocks: int, has_tail: bool) -> Tensor:
         """Return the chunk-relative start of the block of every window entry of a chunk.
@@ -373,14 +396,12 @@ def _update_parameter(param: Tensor, state: dict, layout: BlockLayout, group: di
     window = group["window"]
     slot = (step - 1) % window
     filled = min(step, window)
-    # Slot r has age (slot - r) mod window, and only slots 0 .. filled - 1 have been
-    # written. The powers are computed on the parameter's device, so no copy waits.
-    ages = torch.arange(filled, device=param.device).neg_().add_(slot).remainder_(window)
+    beta1_powers, beta2_powers = workspace.decay_powers(slot, filled, window, beta1, beta2)
     scalars = _StepScalars(
         slot=slot,
         filled=filled,
-        beta1_powers=torch.pow(beta1, ages.double()).float().unsqueeze_(1),
-        beta2_powers=torch.pow(beta2, ages.double()).float().unsqueeze_(1),
+        beta1_powers=beta1_powers,
+        beta2_powers=beta2_powers,
         c1=(1 - beta1) / (1 - beta1**step),
         c2=(1 - beta2) / (1 - beta2**step),
         eps=group["eps"],
@@ -450,14 +471,17 @@ def _update_chunk(
         first_block = start // layout.block_size
         full_blocks = min(layout.full_blocks - first_block, length // layout.block_size)
         has_tail = stop == layout.numel and layout.tail_size > 0
-        magnitudes = torch.abs(accumulator, out=first_moment)
+        # The bit patterns of non-negative floats, read as int32, are ordered like the
+        # floats (NaN above inf, as in torch.topk). Top-k on int32 took 1.3 ns per entry
+        # against 1.9 on float32, whose comparisons handle NaN (torch 2.13, AMD EPYC).
+        keys = torch.abs(accumulator, out=first_moment).view(torch.int32)
         full_length = full_blocks * layout.block_size
         block_indices = []
         if full_blocks > 0:
-            full = magnitudes[:full_length].view(full_blocks, layout.block_size)
+            full = keys[:full_length].view(full_blocks, layout.block_size)
             block_indices.append(topk_indices(full, layout.full_k).view(-1))
         if has_tail:
-            tail = magnitudes[full_length:].view(1, -1)
+            tail = keys[full_length:].view(1, -1)
             block_indices.append(topk_indices(tail, layout.tail_k).view(-1))
         indices = torch.cat(block_indices) if len(block_indices) > 1 else block_indices[0]
         block_starts = workspace.block_starts(layout, full_blocks, has_tail)
@@ -480,6 +504,8 @@ def _update_chunk(
         window_positions = state["window_indices"][: scalars.filled, k_start:k_stop].to(torch.int64)
         window_positions = window_positions.add_(block_starts).view(-1)
         values = state["window_values"][: scalars.filled, k_start:k_stop].float()
+        # NOTE: on CUDA, index_add_ adds in no fixed order, so M and S can differ in the
+        # last bits between runs unless torch.use_deterministic_algorithms(True) is set.
         first_moment.zero_().index_add_(0, window_positions, (values * scalars.beta1_powers).view(-1))
         second_moment.zero_().index_add_(0, window_positions, values.square_().mul_(scalars.beta2_powers).view(-1))
         denominator = second_moment.index_select(0, window_positions).mul_(scalars.c2).sqrt_().add_(scalars.eps)
@@ -494,6 +520,7 @@ def _update_chunk(
             new_values.mul_(scalars.decay)
             param_chunk.mul_(scalars.decay)
         new_values.add_(update, alpha=-scalars.lr)
+        # Repeated positions carry equal values, so the write order does not matter.
         param_chunk.scatter_(0, window_positions, new_values.to(param_chunk.dtype))
 
 

@@ -1,9 +1,9 @@
 """MicroAdam step by step against a float64 reference written from the update rule.
 
-Before every step the reference decodes the optimizer's stored state (window of int16
-block-relative indices and bfloat16 values, 4-bit codes with bfloat16 bucket bounds, or
-the fp32 error) with its own code, runs the update rule in float64 and checks each part
-of the state after the step and the parameter. Checking one step at a time keeps the
+Before every step the reference decodes the optimizer's stored state with its own code:
+the window of int16 block-relative indices and bfloat16 values, and the 4-bit codes with
+bfloat16 bucket bounds or the fp32 error. It then runs the update rule in float64 and
+checks each part of the state after the step, and the parameter. Checking one step at a time keeps the
 float32-versus-float64 rounding of one step from growing into different top-k choices
 in later steps.
 """
@@ -315,7 +315,7 @@ def test_full_density_equals_adamw(error_feedback, weight_decay):
     )
     adam = torch.optim.AdamW([adam_param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     for step in range(steps):
-        # Gradients that bfloat16 holds exactly, so the window loses nothing.
+        # Gradients that bfloat16 represents exactly, so the window loses nothing.
         gradient = (torch.randn(start.shape, generator=generator) * (1 + step % 4)).bfloat16().float()
         micro_before = micro_param.detach().clone()
         adam_before = adam_param.detach().clone()

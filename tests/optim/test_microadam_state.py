@@ -89,10 +89,14 @@ def test_state_layout_and_dtypes():
     optimizer.step()
     state = optimizer.state[param]
     # 40100 entries: one block of 32768 (k = 328) and a tail of 7332 (k = 74).
-    assert state["window_indices"].dtype == torch.int16 and state["window_indices"].shape == (4, 402)
-    assert state["window_values"].dtype == torch.bfloat16 and state["window_values"].shape == (4, 402)
-    assert state["error_codes"].dtype == torch.uint8 and state["error_codes"].shape == (20050,)
-    assert state["error_bounds"].dtype == torch.bfloat16 and state["error_bounds"].shape == (2, 627)
+    assert state["window_indices"].dtype == torch.int16
+    assert state["window_indices"].shape == (4, 402)
+    assert state["window_values"].dtype == torch.bfloat16
+    assert state["window_values"].shape == (4, 402)
+    assert state["error_codes"].dtype == torch.uint8
+    assert state["error_codes"].shape == (20050,)
+    assert state["error_bounds"].dtype == torch.bfloat16
+    assert state["error_bounds"].shape == (2, 627)
     assert state["step"] == 1
 
 
@@ -169,7 +173,8 @@ def test_groups_keep_their_settings():
     # 384000 entries, density 0.05: 11 full blocks with k = 1639 and a tail of 23552 with k = 1178.
     assert embedding_state["window_indices"].shape == (10, 11 * 1639 + 1178)
     last_state = optimizer.state[params[-1]]
-    assert "error" in last_state and last_state["error"].dtype == torch.float32
+    assert "error" in last_state
+    assert last_state["error"].dtype == torch.float32
     assert last_state["window_indices"].shape[0] == 3
 
 
@@ -331,3 +336,19 @@ def test_cuda_matches_cpu(dtype):
     agreement = (cpu_state["window_indices"] == cuda_state["window_indices"].cpu()).float().mean()
     assert float(agreement) > 0.95
     torch.testing.assert_close(params[1].detach().cpu(), params[0].detach(), rtol=1e-2, atol=1e-3)
+
+
+def test_profiler_sees_stage_labels():
+    param = nn.Parameter(torch.randn(5000))
+    optimizer = MicroAdam([param])
+    param.grad = torch.randn(5000)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        optimizer.step()
+    labels = {event.key for event in profiler.key_averages() if event.key.startswith("microadam::")}
+    assert labels == {
+        "microadam::add_error",
+        "microadam::topk",
+        "microadam::quantize_error",
+        "microadam::window_moments",
+        "microadam::param_update",
+    }

@@ -18,8 +18,10 @@ def test_round_trip_error_bound(numel, bucket_size):
     generator = torch.Generator().manual_seed(numel * 100 + bucket_size)
     x = torch.randn(numel, generator=generator) * torch.rand(numel, generator=generator).mul(10)
     codes, bounds = quantize(x, bucket_size)
-    assert codes.dtype == torch.uint8 and codes.numel() == code_bytes(numel)
-    assert bounds.dtype == torch.bfloat16 and tuple(bounds.shape) == (2, bucket_count(numel, bucket_size))
+    assert codes.dtype == torch.uint8
+    assert codes.numel() == code_bytes(numel)
+    assert bounds.dtype == torch.bfloat16
+    assert tuple(bounds.shape) == (2, bucket_count(numel, bucket_size))
 
     restored = dequantize(codes, bounds, bucket_size, numel)
     bucket_of = torch.arange(numel) // bucket_size
@@ -93,9 +95,11 @@ def test_bfloat16_input_and_work_buffer():
     expected_codes, expected_bounds = quantize(x.float(), 16)
     work = x.float()
     codes, bounds = quantize(work, 16, work=work)
-    assert torch.equal(codes, expected_codes) and torch.equal(bounds, expected_bounds)
+    assert torch.equal(codes, expected_codes)
+    assert torch.equal(bounds, expected_bounds)
     codes, bounds = quantize(x, 16)
-    assert torch.equal(codes, expected_codes) and torch.equal(bounds, expected_bounds)
+    assert torch.equal(codes, expected_codes)
+    assert torch.equal(bounds, expected_bounds)
 
 
 def test_dequantize_rejects_wrong_sizes():
