@@ -130,9 +130,9 @@ class MicroAdam(Optimizer):
     parameters are updated in float64 from a float32 u. On CPU each tensor is processed
     in chunks of whole blocks that fit in the CPU caches.
 
-    Speed: on 20M float32 parameters with one thread of a 2-core AMD EPYC (torch 2.13),
-    a step took about 2x as long as `torch.optim.AdamW(foreach=True)`; measure yours with
-    `benchmarks/optimizer_step.py`. Top-k selection is the largest part.
+    Speed: on 20M float32 parameters, a step took 2.4 to 3 times as long as
+    `torch.optim.AdamW(foreach=True)` (one thread of a 2-core AMD EPYC, torch 2.13).
+    Top-k selection is the largest part. `benchmarks/optimizer_step.py` measures this.
 
     NOTE: every parameter tensor costs a few hundred PyTorch calls per step, about 0.3 ms
     on that CPU, so models with many small tensors (biases, norms) pay that per tensor.
