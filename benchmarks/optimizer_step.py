@@ -282,6 +282,8 @@ def print_report(report: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: CUDA is not available in this torch build or machine. Use --device cpu.")
     report = run(args)
     print_report(report)
     output = args.output or RESULTS_DIR / f"optimizer_step_{torch.device(args.device).type}.json"
