@@ -171,6 +171,23 @@ def test_image_classification(tmp_path):
 # ---- Privacy mechanics seen through the Trainer ----
 
 
+def test_bf16_autocast_trains(tmp_path):
+    model = tiny_bert_classifier()
+    before = trainable_snapshot(model)
+    trainer = DPMicroAdamTrainer(
+        model=model,
+        args=dp_args(tmp_path, bf16=True, max_steps=2),
+        train_dataset=text_classification_dataset(),
+        data_collator=pad_text_batch,
+    )
+    trainer.train()
+
+    after = dict(model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in after.values())
+    assert any(not torch.equal(after[name], value) for name, value in before.items())
+    assert trainer.dp_engine.accountant.steps == 2
+
+
 def test_log_history_has_epsilon_and_no_grad_norm(tmp_path):
     trainer = DPMicroAdamTrainer(
         model=tiny_bert_classifier(),
@@ -253,7 +270,8 @@ def test_budget_stops_training_before_exceeding_target(tmp_path):
     assert engine.accountant.epsilon_after(steps + 1) > 2.0
 
 
-def test_noise_free_step_matches_a_per_example_loop(tmp_path):
+@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_noise_free_step_matches_a_per_example_loop(tmp_path, gradient_checkpointing):
     """With noise_multiplier=0 and dp-sgd, one step is theta - lr * sum_i clip(g_i) / B."""
     model = tiny_bert_classifier()
     reference = tiny_bert_classifier()
@@ -263,7 +281,7 @@ def test_noise_free_step_matches_a_per_example_loop(tmp_path):
         model=model,
         args=dp_args(tmp_path, noise_multiplier=0.0, dp_optimizer="dp-sgd", learning_rate=lr,
                      per_sample_max_grad_norm=clip, logical_batch_size=batch_size, max_steps=1,
-                     lr_scheduler_type="constant"),
+                     lr_scheduler_type="constant", activation_checkpointing=gradient_checkpointing),
         train_dataset=dataset,
         data_collator=pad_text_batch,
     )
