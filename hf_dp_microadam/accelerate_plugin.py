@@ -15,6 +15,14 @@ this plugin) with a few added lines::
         optimizer.step()
         optimizer.zero_grad()
     print(plugin.privacy_report())
+
+Run the same script on several processes with `accelerate launch` or `torchrun`. Each
+process then gets a disjoint share of every logical batch, the clipped sums are
+all-reduced and only rank 0 adds noise, so the privacy guarantee does not depend on the
+number of processes. Keep the model, the optimizer and the data loader out of
+`accelerator.prepare()`: a DistributedDataParallel wrapper would all-reduce raw gradients,
+and accelerate's batch sampler would re-shard the Poisson batches. On a machine without
+GPUs, create the accelerator with `Accelerator(cpu=True)`.
 """
 
 from __future__ import annotations
@@ -282,8 +290,9 @@ class DPMicroAdamPlugin:
 
         The model is returned as it is (same object, same class), moved to the accelerator's
         device, with per-example gradient hooks attached after a pre-flight check. The data
-        loader yields one `LogicalBatch` per step. Give either `num_epochs` or `max_steps`:
-        the noise is calibrated for that number of steps.
+        loader yields one `LogicalBatch` per step: with several processes, this process's
+        share of it. Give either `num_epochs` or `max_steps`: the noise is calibrated for
+        that number of steps. With several processes, every rank gets rank 0's parameters.
         """
         if (num_epochs is None) == (max_steps is None):
             raise ValueError("prepare() needs exactly one of num_epochs or max_steps")
@@ -321,3 +330,11 @@ class DPMicroAdamPlugin:
     def load_state_dict(self, state: dict) -> None:
         """Restore the privacy state saved by `state_dict()`."""
         self._require_engine().load_state_dict(state)
+
+    def save(self, directory: str) -> None:
+        """Write the privacy state to `directory/dp_state.pt`; only rank 0 writes."""
+        self._require_engine().save(directory)
+
+    def load(self, directory: str) -> None:
+        """Read the privacy state from `directory/dp_state.pt` on every rank; a missing file is an error."""
+        self._require_engine().load(directory)

@@ -8,12 +8,15 @@ there is one implementation of the private step.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import math
 import os
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from .privacy.accounting import PrivacyAccountant, calibrate_noise_multiplier, default_delta
 from .privacy.data_loader import make_logical_batch_loader
@@ -35,6 +38,41 @@ class PrivacyBudgetExhaustedError(RuntimeError):
     """Raised instead of taking a step that would spend more than the target epsilon."""
 
 
+def _resolve_processes(accelerator) -> tuple[int, int]:
+    """Return (world size, rank) of the run, after checking that accelerate and torch.distributed agree.
+
+    The sampler shards each logical batch by these numbers, while the DP optimizer
+    all-reduces over the torch.distributed process group. If the two disagreed, every
+    process could train on the whole logical batch and the all-reduce would count each
+    example once per process, so the noise would no longer cover one example's change.
+    """
+    if dist.is_available() and dist.is_initialized():
+        group_size, group_rank = dist.get_world_size(), dist.get_rank()
+    else:
+        group_size, group_rank = 1, 0
+    if accelerator is None:
+        return group_size, group_rank
+
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    if world_size != group_size or (world_size > 1 and rank != group_rank):
+        raise ValueError(
+            f"the accelerator runs {world_size} process(es) (distributed type "
+            f"{accelerator.distributed_type}), but the torch.distributed process group has {group_size}: "
+            "each process would train on whole logical batches of its own. On a machine without GPUs, set "
+            "use_cpu=True in the training arguments (Accelerator(cpu=True) in a custom loop) or export "
+            "ACCELERATE_USE_CPU=true, so that accelerate runs its multi-CPU mode over gloo"
+        )
+    accumulation_steps = getattr(accelerator, "gradient_accumulation_steps", 1)
+    if accumulation_steps > 1:
+        raise ValueError(
+            f"the accelerator has gradient_accumulation_steps={accumulation_steps}, but one logical batch is "
+            "one optimizer step: accelerate would skip optimizer.step() while the clipped sums of several "
+            "logical batches pile up under one noise draw. Create the Accelerator without gradient "
+            "accumulation and raise expected_batch_size instead"
+        )
+    return world_size, rank
+
+
 class DPEngine:
     """Runtime of one private training run: hooks, sampler, DP optimizer and accountant.
 
@@ -44,7 +82,15 @@ class DPEngine:
         max_steps, num_epochs: the length of the run, one of the two. A calibrated noise
             multiplier spends `target_epsilon` at exactly this number of logical steps.
         accelerator: optional `accelerate.Accelerator`; its process count and rank shard
-            each logical batch across processes.
+            each logical batch across processes. Without one, the torch.distributed
+            process group (if initialized) gives them.
+
+    With several processes, every process draws the same logical batch and keeps a
+    disjoint share of it. The clipped sums are all-reduced and rank 0 alone adds the
+    noise, so the guarantee and the accounting are those of one process with the same
+    settings. Only rank 0 writes the privacy state.
+
+    NOTE: several processes have been tested on CPU with gloo only; NCCL on GPUs has not run.
     """
 
     def __init__(
@@ -61,12 +107,7 @@ class DPEngine:
         self.config = config
         self.accelerator = accelerator
         self.num_examples = num_examples
-        if accelerator is not None:
-            self.world_size, self.rank = accelerator.num_processes, accelerator.process_index
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.world_size, self.rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        else:
-            self.world_size, self.rank = 1, 0
+        self.world_size, self.rank = _resolve_processes(accelerator)
 
         batch_size = config.expected_batch_size
         if num_examples < 1:
@@ -162,9 +203,14 @@ class DPEngine:
         )
 
     def attach(self, model, *, train_dataset=None, collate_fn=None, task: str | None = None) -> None:
-        """Attach per-example gradient hooks to `model` after the pre-flight checks."""
+        """Attach per-example gradient hooks to `model` after the pre-flight checks.
+
+        With several processes, rank 0's parameters and buffers are first copied to every
+        rank, so that all ranks start from the same model whatever each one initialized.
+        """
         from .privacy.validation import check_model_for_dp
 
+        self.broadcast_model_from_rank0(model)
         self.task = task
         probe_batch = None
         if train_dataset is not None and len(train_dataset) > 0:
@@ -178,6 +224,42 @@ class DPEngine:
             task=task,
             token_reduction=self.config.loss_token_reduction,
         )
+
+    def broadcast_model_from_rank0(self, model: torch.nn.Module) -> None:
+        """Copy rank 0's parameters and buffers into `model` on every rank (nothing with one process).
+
+        The DP optimizer applies the same privatized gradient on every rank, so the ranks
+        stay identical only if they start identical. DistributedDataParallel does the same
+        copy when it wraps a model; a custom loop has no such wrapper.
+        """
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                if tensor.is_contiguous():
+                    dist.broadcast(tensor.data, src=0)
+                else:
+                    buffer = tensor.data.contiguous()
+                    dist.broadcast(buffer, src=0)
+                    tensor.data.copy_(buffer)
+
+    def replicas_in_sync(self) -> bool:
+        """Return whether the trainable parameters are bit-identical on every rank (True with one process).
+
+        Every rank must call it, because it gathers one digest per rank. The ranks receive
+        the same privatized gradient, but an update rule that adds in no fixed order (for
+        example MicroAdam's `scatter_add_` on CUDA) can still make them drift apart in the
+        last bits.
+        """
+        if self.world_size == 1 or self.optimizer is None:
+            return True
+        digest = hashlib.blake2b(digest_size=16)
+        for param in self.optimizer.params:
+            flat = param.detach().reshape(-1).contiguous().cpu()
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        digests = [None] * self.world_size
+        dist.all_gather_object(digests, digest.hexdigest())
+        return len(set(digests)) == 1
 
     def make_optimizer(self, model_or_params, **overrides):
         """Build the DP optimizer over the trainable parameters and connect it to the accountant."""
@@ -240,12 +322,16 @@ class DPEngine:
     def per_example_losses(self, model, batch: dict):
         """Return `(losses, outputs)` with one loss per example; labels never reach the HF loss.
 
-        With an accelerator, the batch is first moved to its device.
+        With an accelerator, the batch is first moved to its device. A model wrapped in
+        `DistributedDataParallel` is unwrapped first: a forward pass through the wrapper
+        would make it all-reduce the raw, unclipped gradients during backward.
         """
         if self.accelerator is not None:
             from accelerate.utils import send_to_device
 
             batch = send_to_device(batch, self.accelerator.device)
+        while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
         return compute_per_example_losses(
             model, batch, task=self.task, token_reduction=self.config.loss_token_reduction
         )
@@ -274,6 +360,8 @@ class DPEngine:
         return {
             "version": _STATE_VERSION,
             "settings": self._fingerprint(),
+            # For information only: a run may resume with another number of processes.
+            "world_size": self.world_size,
             "accountant": self.accountant.state_dict(),
             "sampler": self.sampler.state_dict(batches_consumed=self._batches_consumed_in_epoch()),
             "privatizer": self.optimizer.privacy_state_dict() if self.optimizer is not None else None,
@@ -296,12 +384,24 @@ class DPEngine:
                 f"the checkpoint's privacy state comes from a run with other DP settings ({details}); "
                 "resume with the same settings or start a new run"
             )
+        saved_world_size = state.get("world_size", state.get("settings", {}).get("world_size"))
+        if saved_world_size is not None and saved_world_size != self.world_size:
+            logger.info(
+                "Resuming a run saved with %d process(es) on %d: the logical batches, the noise and the "
+                "accounting continue unchanged, and each logical batch is now split %d ways",
+                saved_world_size, self.world_size, self.world_size,
+            )
         self.accountant.load_state_dict(state["accountant"])
         self.sampler.load_state_dict(state["sampler"])
         if self.optimizer is not None and state.get("privatizer") is not None:
             self.optimizer.load_privacy_state_dict(state["privatizer"])
 
     def _fingerprint(self) -> dict:
+        # The settings a resumed run must share with the saved one. The number of processes
+        # is not among them, because the logical batches depend only on the sampler's
+        # generator state and position, the noise only on rank 0's generator, and the
+        # accountant only on (sigma, q) per step. A run resumed on another number of
+        # processes continues the same sequence, up to float rounding of the all-reduced sums.
         return {
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
@@ -310,7 +410,6 @@ class DPEngine:
             "max_grad_norm": self.config.max_grad_norm,
             "accountant": self.config.accountant,
             "delta": self.delta,
-            "world_size": self.world_size,
             "disable_dp": bool(self.config.disable_dp),
         }
 

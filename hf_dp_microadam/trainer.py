@@ -61,6 +61,10 @@ class DPMicroAdamTrainer(Trainer):
 
     `privacy_report()` returns the privacy spent; `train()` also writes it to
     `output_dir/privacy_report.json`.
+
+    Launched on several processes (`accelerate launch`, `torchrun`), each process trains
+    on a disjoint share of every logical batch, rank 0 alone adds the noise, and epsilon is
+    that of one process with the same settings (see docs/distributed.md).
     """
 
     def __init__(self, model=None, args: DPTrainingArguments | None = None, *positional, task: str | None = None,
@@ -172,8 +176,9 @@ class DPMicroAdamTrainer(Trainer):
 
         The noise, the normalization and the update happen in `optimizer.step()`, which the
         Trainer calls right after this method. The returned loss is the mean per-example
-        loss of this process's share (NaN for an empty batch, which the Trainer's logging
-        filter skips); it is not covered by the privacy guarantee.
+        loss of the whole logical batch, summed over all processes, so every process logs
+        the value a single process would (NaN for an empty logical batch, which the
+        Trainer's logging filter skips). It is not covered by the privacy guarantee.
         """
         # The unwrapped model: a DistributedDataParallel wrapper would all-reduce the raw,
         # unclipped gradients during backward.
@@ -188,9 +193,14 @@ class DPMicroAdamTrainer(Trainer):
             self.dp_engine.backward(losses)
             loss_sum += losses.detach().float().sum()
             num_examples += losses.shape[0]
-        if num_examples == 0:
+        totals = torch.stack([loss_sum, torch.tensor(float(num_examples), device=loss_sum.device)])
+        if self.dp_engine.world_size > 1:
+            # Every rank calls this once per logical step, including a rank whose share is empty.
+            torch.distributed.all_reduce(totals)
+        loss_sum, total_examples = totals[0], totals[1]
+        if total_examples == 0:
             return torch.tensor(float("nan"), device=self.args.device)
-        return loss_sum / num_examples
+        return loss_sum / total_examples
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Return the mean of the per-example losses (used by evaluation), and the outputs if asked."""
@@ -242,6 +252,7 @@ class DPMicroAdamTrainer(Trainer):
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
+        self._warn_if_replicas_differ(f"end of training at step {self.state.global_step}")
         report = self.privacy_report()
         if self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
@@ -251,7 +262,19 @@ class DPMicroAdamTrainer(Trainer):
         output.metrics["delta"] = report.delta
         return output
 
+    def _warn_if_replicas_differ(self, when: str) -> None:
+        # Every rank reaches this point, because the check gathers one digest per rank.
+        if self.dp_engine is not None and not self.dp_engine.replicas_in_sync():
+            logger.warning(
+                "%s: the trainable parameters differ across the %d processes although every process applied "
+                "the same privatized gradient. The privacy guarantee is not affected, but only rank 0's model "
+                "is saved. On CUDA, torch.use_deterministic_algorithms(True) makes the update rules add in a "
+                "fixed order",
+                when, self.dp_engine.world_size,
+            )
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        self._warn_if_replicas_differ(f"checkpoint {output_dir}")
         super()._save_optimizer_and_scheduler(output_dir)
         if self.dp_engine is not None and self.args.should_save:
             self.dp_engine.save(output_dir)

@@ -456,7 +456,10 @@ class DPOptimizer(OpacusDPOptimizer):
                 raise KeyError(f"Privacy state has no {key!r} entry: {sorted(state)}.")
         self.noise_source.load_state_dict(state["noise"])
         self.logical_steps = int(state["logical_steps"])
-        self.noise_draws = int(state.get("noise_draws", 0))
+        # The state comes from rank 0, the only process that draws noise. Every rank loads
+        # its generator state, but only rank 0 continues its count of draws.
+        rank, _ = _process_group_rank_and_size()
+        self.noise_draws = int(state.get("noise_draws", 0)) if rank == 0 else 0
         for key in ("noise_multiplier", "max_grad_norm", "expected_batch_size", "clipping"):
             if key in state and state[key] != getattr(self, key):
                 logger.warning(
