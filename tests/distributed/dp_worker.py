@@ -4,22 +4,33 @@ Launch it with `python`, `torchrun` or `accelerate launch`. Every process writes
 saw to `<output>/results/<scenario>/rank<r>.pt`, and the tests compare those files between
 a one-process and a two-process launch. Scenarios (run in the order given):
 
-    straight     DPMicroAdamTrainer for MAX_STEPS steps, then evaluation
-    interrupted  the same run, stopped right after the checkpoint at SAVE_STEP
-    resumed      a new trainer resumed from the `interrupted` checkpoint
-    foreign      a new trainer resumed from --foreign-checkpoint (saved by another process count)
-    plugin       a custom loop with DPMicroAdamPlugin on a small expected batch size, so that
-                 some processes get an empty share of a logical batch
-    plugin_resumed  the custom loop saved after SAVE_STEP steps and continued in a new loop
-    sampling     SAMPLING_STEPS logical batches of an unseeded PoissonBatchSampler
-                 (run it after a scenario that set up torch.distributed)
-    mismatch     a DPEngine given an accelerator that sees fewer processes than torch.distributed
+    straight          DPMicroAdamTrainer with dp-microadam for MAX_STEPS steps, then evaluation
+    interrupted       the same run, stopped right after the checkpoint at SAVE_STEP
+    resumed           a new trainer resumed from the `interrupted` checkpoint
+    straight_adam     `straight` with dp-adam
+    interrupted_adam  `interrupted` with dp-adam
+    foreign           a dp-adam trainer resumed from --foreign-checkpoint, an `interrupted_adam`
+                      checkpoint saved by another number of processes
+    plugin            a custom loop with DPMicroAdamPlugin (dp-microadam) on a small expected
+                      batch size, so that some processes get an empty share of a logical batch
+    plugin_resumed    the custom loop saved after SAVE_STEP steps and continued in a new loop
+    plugin_adam       `plugin` with dp-adam
+    sampling          the logical batches of SAMPLING_EPOCHS epochs of an unseeded
+                      PoissonBatchSampler (run it after a scenario that set up torch.distributed)
+    mismatch          a DPEngine given an accelerator that sees fewer processes than torch.distributed
+
+The dp-adam scenarios are the ones compared across process counts. MicroAdam rounds its
+window to bf16, quantizes its error feedback to 4 bits and selects entries by top-k, so
+a last-bit difference in the summed gradient (the all-reduce adds in another order) mostly
+vanishes but can cross a rounding or selection boundary and change a parameter by far more
+than float tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
@@ -191,34 +202,35 @@ def make_trainer(output_dir: Path, **overrides) -> RecordingTrainer:
     )
 
 
-def run_straight(output: Path, recorder: WriteRecorder, options) -> dict:
-    trainer = make_trainer(output / "straight")
+def run_straight(output: Path, recorder: WriteRecorder, options, *, name: str, update_rule: str) -> dict:
+    trainer = make_trainer(output / name, dp_optimizer=update_rule)
     trainer.train()
     metrics = trainer.evaluate()
     return trainer_result(trainer, recorder, eval_metrics=metrics)
 
 
-def run_interrupted(output: Path, recorder: WriteRecorder, options) -> dict:
-    trainer = make_trainer(output / "interrupted", save_strategy="steps", save_steps=SAVE_STEP)
+def run_interrupted(output: Path, recorder: WriteRecorder, options, *, name: str, update_rule: str) -> dict:
+    trainer = make_trainer(output / name, dp_optimizer=update_rule, save_strategy="steps", save_steps=SAVE_STEP)
     trainer.add_callback(StopAfter(SAVE_STEP))
     trainer.train()
     return trainer_result(trainer, recorder)
 
 
 def run_resumed(output: Path, recorder: WriteRecorder, options) -> dict:
-    trainer = make_trainer(output / "resumed")
+    trainer = make_trainer(output / "resumed", dp_optimizer="dp-microadam")
     trainer.train(resume_from_checkpoint=str(output / "interrupted" / f"checkpoint-{SAVE_STEP}"))
     return trainer_result(trainer, recorder)
 
 
 def run_foreign(output: Path, recorder: WriteRecorder, options) -> dict:
-    trainer = make_trainer(output / "foreign")
+    trainer = make_trainer(output / "foreign", dp_optimizer="dp-adam")
     trainer.train(resume_from_checkpoint=options.foreign_checkpoint)
     return trainer_result(trainer, recorder)
 
 
-def _prepare_plugin_loop(accelerator: Accelerator, model_seed: int):
+def _prepare_plugin_loop(accelerator: Accelerator, model_seed: int, update_rule: str = "dp-microadam"):
     plugin = DPMicroAdamPlugin(
+        optimizer=update_rule,
         noise_multiplier=1.0,
         expected_batch_size=PLUGIN_BATCH_SIZE,
         micro_batch_size=3,
@@ -265,10 +277,12 @@ def _plugin_result(plugin, model, shares, recorder: WriteRecorder) -> dict:
     }
 
 
-def run_plugin(output: Path, recorder: WriteRecorder, options) -> dict:
+def run_plugin(output: Path, recorder: WriteRecorder, options, *, update_rule: str) -> dict:
     accelerator = Accelerator(cpu=True)
     # A different initialization on every rank: prepare() must copy rank 0's parameters.
-    plugin, model, optimizer, train_loader = _prepare_plugin_loop(accelerator, accelerator.process_index)
+    plugin, model, optimizer, train_loader = _prepare_plugin_loop(
+        accelerator, accelerator.process_index, update_rule
+    )
     shares = _run_plugin_steps(plugin, model, optimizer, train_loader, MAX_STEPS)
     return _plugin_result(plugin, model, shares, recorder)
 
@@ -323,12 +337,15 @@ def run_mismatch(output: Path, recorder: WriteRecorder, options) -> dict:
 
 
 SCENARIOS = {
-    "straight": run_straight,
-    "interrupted": run_interrupted,
+    "straight": functools.partial(run_straight, name="straight", update_rule="dp-microadam"),
+    "interrupted": functools.partial(run_interrupted, name="interrupted", update_rule="dp-microadam"),
     "resumed": run_resumed,
+    "straight_adam": functools.partial(run_straight, name="straight_adam", update_rule="dp-adam"),
+    "interrupted_adam": functools.partial(run_interrupted, name="interrupted_adam", update_rule="dp-adam"),
     "foreign": run_foreign,
-    "plugin": run_plugin,
+    "plugin": functools.partial(run_plugin, update_rule="dp-microadam"),
     "plugin_resumed": run_plugin_resumed,
+    "plugin_adam": functools.partial(run_plugin, update_rule="dp-adam"),
     "sampling": run_sampling,
     "mismatch": run_mismatch,
 }
@@ -351,6 +368,12 @@ def main() -> None:
         result_dir = options.output / "results" / name
         result_dir.mkdir(parents=True, exist_ok=True)
         torch.save(result, result_dir / f"rank{rank}.pt")
+
+    # Without this, a process sometimes aborted at exit ("terminate called without an active
+    # exception", torch 2.13 with gloo) after all its work was done.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
