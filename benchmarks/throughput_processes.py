@@ -147,6 +147,8 @@ def run_worker(args: argparse.Namespace) -> None:
     if dist.is_initialized():
         dist.all_reduce(sizes)
     engine = trainer.dp_engine
+    # Destroys the process group, so that the processes exit cleanly.
+    trainer.end()
     if engine.rank != 0:
         return
 
