@@ -201,6 +201,11 @@ class DPMicroAdamPlugin:
                 )
             if not (self.max_grad_norm > 0 and self.max_grad_norm < float("inf")):
                 problems.append(f"max_grad_norm must be a positive finite number, got {self.max_grad_norm}")
+        if self.secure_mode and self.seed is not None:
+            problems.append(
+                f"secure_mode=True draws the sampler and noise keys from os.urandom and cannot be seeded "
+                f"(seed={self.seed}); unset seed"
+            )
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             problems.append(f"target_epsilon must be positive, got {self.target_epsilon}")
         if self.target_delta is not None and not 0 < self.target_delta < 1:

@@ -175,6 +175,11 @@ class DPTrainingArguments(TrainingArguments):
             problems.append(f"target_delta must be in (0, 1), got {self.target_delta}")
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             problems.append(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.secure_mode and self.dp_seed is not None:
+            problems.append(
+                f"secure_mode=True draws the sampler and noise keys from os.urandom and cannot be seeded "
+                f"(dp_seed={self.dp_seed}); unset dp_seed"
+            )
         if not self.disable_dp and self.target_epsilon is None and self.noise_multiplier is None:
             problems.append(
                 "set target_epsilon (the noise is then calibrated) or noise_multiplier; "

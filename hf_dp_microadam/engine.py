@@ -127,6 +127,7 @@ class DPEngine:
             seed=config.seed,
             num_replicas=self.world_size,
             rank=self.rank,
+            secure_mode=bool(config.secure_mode),
         )
         self.steps_per_epoch = len(self.sampler)
         if max_steps is None:

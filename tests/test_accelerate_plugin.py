@@ -44,6 +44,7 @@ def test_plugin_rejects_bad_environment_value(monkeypatch):
         ({"expected_batch_size": 8}, "set target_epsilon"),
         ({"expected_batch_size": 8, "noise_multiplier": 1.0, "optimizer": "adam"}, "optimizer='adam'"),
         ({"expected_batch_size": 8, "noise_multiplier": 1.0, "max_grad_norm": -1.0}, "max_grad_norm"),
+        ({"expected_batch_size": 8, "noise_multiplier": 1.0, "secure_mode": True, "seed": 1}, "cannot be seeded"),
     ],
 )
 def test_plugin_rejects_invalid_settings(settings, message):

@@ -408,6 +408,7 @@ class _StopAfter(TrainerCallback):
         ({"per_sample_max_grad_norm": 0.0}, "per_sample_max_grad_norm must be a positive"),
         ({"dp_optimizer": "dp-lion"}, "dp_optimizer"),
         ({"logical_batch_size": 0}, "logical_batch_size must be at least 1"),
+        ({"secure_mode": True, "dp_seed": 3}, "cannot be seeded"),
     ],
 )
 def test_arguments_reject_settings_that_break_accounting(tmp_path, overrides, message):
@@ -473,3 +474,16 @@ def test_disable_dp_reports_infinite_epsilon(tmp_path):
     output = trainer.train()
     assert output.metrics["epsilon"] == math.inf
     assert trainer.privacy_report().epsilon == math.inf
+
+
+def test_secure_mode_trains_and_reports(tmp_path):
+    trainer = DPMicroAdamTrainer(
+        model=tiny_bert_classifier(), args=dp_args(tmp_path, secure_mode=True, dp_seed=None, max_steps=2),
+        train_dataset=text_classification_dataset(), data_collator=pad_text_batch,
+    )
+    trainer.train()
+
+    report = trainer.privacy_report()
+    assert report.secure_mode is True
+    assert report.steps == 2
+    assert trainer.dp_engine.sampler.secure_mode is True

@@ -15,8 +15,10 @@ import os
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.utils.uniform_sampler import (
     DistributedUniformWithReplacementSampler,
     UniformWithReplacementSampler,
@@ -54,6 +56,70 @@ def _shared_entropy_seed(num_replicas: int) -> int:
     return int(shared[0])
 
 
+class SecureUniformGenerator:
+    """Cryptographically secure uniforms for Poisson sampling in `secure_mode`.
+
+    Draw t is the ChaCha20 keystream of a 256-bit key under the 96-bit nonce t, turned
+    into float64 uniforms. The key comes from `os.urandom` (rank 0 shares it with the
+    other ranks), so the batches cannot be predicted from earlier ones, unlike those of
+    torch's Mersenne Twister, whose state can be recovered from its output. Because a
+    draw depends only on the key and its index, the state is the pair (key, index): it
+    restores exactly, and it is as sensitive as the training data.
+
+    It offers the two methods of `torch.Generator` that the sampler uses for its state,
+    `get_state()` and `set_state()`, with the state packed into a uint8 tensor.
+    """
+
+    _KEY_BYTES = 32
+
+    def __init__(self, key: bytes):
+        if len(key) != self._KEY_BYTES:
+            raise ValueError(f"the ChaCha20 key must have {self._KEY_BYTES} bytes, got {len(key)}.")
+        self._key = bytes(key)
+        self._index = 0
+
+    def uniforms(self, count: int) -> torch.Tensor:
+        """Return `count` float64 uniforms in [0, 1) and advance to the next draw."""
+        # cryptography's 16-byte ChaCha20 nonce is a 4-byte block counter followed by a
+        # 12-byte nonce: the counter starts at 0 and the draw index is the nonce.
+        nonce = (0).to_bytes(4, "little") + self._index.to_bytes(12, "little")
+        encryptor = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
+        words = np.frombuffer(encryptor.update(bytes(8 * count)), dtype=np.uint64)
+        self._index += 1
+        # The top 53 bits give a multiple of 2^-53 in [0, 1).
+        return torch.from_numpy((words >> np.uint64(11)).astype(np.float64) * (2.0**-53))
+
+    def get_state(self) -> torch.Tensor:
+        packed = self._key + self._index.to_bytes(16, "little")
+        return torch.frombuffer(bytearray(packed), dtype=torch.uint8).clone()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        packed = bytes(state.to(torch.uint8).tolist())
+        if len(packed) != self._KEY_BYTES + 16:
+            raise ValueError(
+                "invalid secure sampler state: expected a ChaCha20 key and a draw index "
+                f"({self._KEY_BYTES + 16} bytes), got {len(packed)} bytes; the checkpoint was "
+                "probably written without secure_mode"
+            )
+        self._key = packed[: self._KEY_BYTES]
+        self._index = int.from_bytes(packed[self._KEY_BYTES :], "little")
+
+
+def _shared_entropy_key(num_replicas: int) -> bytes:
+    """Return a 256-bit key from `os.urandom`, the same on every rank of the process group."""
+    key = os.urandom(SecureUniformGenerator._KEY_BYTES)
+    if num_replicas == 1:
+        return key
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"num_replicas={num_replicas} needs the same sampler key on every rank: "
+            "initialize torch.distributed first so that rank 0 can share one."
+        )
+    shared = [key]
+    dist.broadcast_object_list(shared, src=0)
+    return bytes(shared[0])
+
+
 class PoissonBatchSampler(UniformWithReplacementSampler):
     """Batch sampler that draws Poisson-subsampled logical batches from a map-style dataset.
 
@@ -82,6 +148,9 @@ class PoissonBatchSampler(UniformWithReplacementSampler):
             from rank 0 when `num_replicas > 1` and torch.distributed is initialized).
         num_replicas: number of processes that split each logical batch.
         rank: this process's index in [0, num_replicas).
+        secure_mode: draw the inclusion decisions from a ChaCha20 keystream keyed from
+            `os.urandom` (`SecureUniformGenerator`) instead of torch's Mersenne Twister.
+            It cannot be combined with `seed`.
 
     NOTE: the generator state in `state_dict()` determines all future batches. Treat a
     checkpoint that contains it as sensitive as the training data.
@@ -96,6 +165,7 @@ class PoissonBatchSampler(UniformWithReplacementSampler):
         seed: Optional[int] = None,
         num_replicas: int = 1,
         rank: int = 0,
+        secure_mode: bool = False,
     ):
         if isinstance(num_examples, bool) or int(num_examples) != num_examples or num_examples <= 0:
             raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}.")
@@ -115,9 +185,18 @@ class PoissonBatchSampler(UniformWithReplacementSampler):
         elif steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}.")
 
-        generator = torch.Generator()
+        if secure_mode and seed is not None:
+            raise ValueError(
+                "secure_mode draws the sampler's key from os.urandom and cannot be seeded; "
+                "pass seed=None, or turn secure_mode off for a reproducible test run."
+            )
+        self.secure_mode = secure_mode
         self.seeded = seed is not None
-        generator.manual_seed(int(seed) if seed is not None else _shared_entropy_seed(num_replicas))
+        if secure_mode:
+            generator = SecureUniformGenerator(_shared_entropy_key(num_replicas))
+        else:
+            generator = torch.Generator()
+            generator.manual_seed(int(seed) if seed is not None else _shared_entropy_seed(num_replicas))
         super().__init__(
             num_samples=num_examples,
             sample_rate=expected_batch_size / num_examples,
@@ -144,7 +223,11 @@ class PoissonBatchSampler(UniformWithReplacementSampler):
         return self.steps
 
     def _draw_logical_batch(self) -> torch.Tensor:
-        mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+        if self.secure_mode:
+            uniforms = self.generator.uniforms(self.num_samples)
+        else:
+            uniforms = torch.rand(self.num_samples, generator=self.generator)
+        mask = uniforms < self.sample_rate
         return mask.nonzero(as_tuple=False).reshape(-1)
 
     def __iter__(self):

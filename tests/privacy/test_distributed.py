@@ -66,6 +66,13 @@ def _worker(rank, store_path, output_dir):
         all_shares = [None] * WORLD_SIZE
         dist.all_gather_object(all_shares, shares)
 
+        # In secure_mode rank 0 shares a ChaCha20 key drawn from os.urandom instead.
+        secure_sampler = PoissonBatchSampler(
+            50, 10, steps_per_epoch=5, num_replicas=WORLD_SIZE, rank=rank, secure_mode=True
+        )
+        secure_shares = [None] * WORLD_SIZE
+        dist.all_gather_object(secure_shares, list(secure_sampler))
+
         torch.save(
             {
                 "received": inner.received,
@@ -73,6 +80,7 @@ def _worker(rank, store_path, output_dir):
                 "logical_steps": optimizer.logical_steps,
                 "noise_draws": optimizer.noise_draws,
                 "sampler_shares": all_shares,
+                "secure_sampler_shares": secure_shares,
             },
             f"{output_dir}/rank{rank}.pt",
         )
@@ -107,13 +115,14 @@ def test_two_processes_match_single_process(tmp_path, monkeypatch):
             assert torch.allclose(expected, actual, atol=1e-6)
     assert optimizer.noise_draws == 2
 
-    # Sampler shares on the two ranks are disjoint and come from one shared seed.
-    shares_rank0, shares_rank1 = results[0]["sampler_shares"]
-    assert results[1]["sampler_shares"] == results[0]["sampler_shares"]
-    for share0, share1 in zip(shares_rank0, shares_rank1):
-        assert not set(share0) & set(share1)
-        # Both shares come from one sorted logical batch, split by position.
-        logical_batch = sorted(share0 + share1)
-        assert share0 == logical_batch[0::2]
-        assert share1 == logical_batch[1::2]
-    assert sum(len(share) for share in shares_rank0 + shares_rank1) > 0
+    # Sampler shares on the two ranks are disjoint and come from one shared seed (or key).
+    for key in ("sampler_shares", "secure_sampler_shares"):
+        shares_rank0, shares_rank1 = results[0][key]
+        assert results[1][key] == results[0][key]
+        for share0, share1 in zip(shares_rank0, shares_rank1):
+            assert not set(share0) & set(share1)
+            # Both shares come from one sorted logical batch, split by position.
+            logical_batch = sorted(share0 + share1)
+            assert share0 == logical_batch[0::2]
+            assert share1 == logical_batch[1::2]
+        assert sum(len(share) for share in shares_rank0 + shares_rank1) > 0

@@ -249,3 +249,56 @@ def test_sample_rate_mismatch_rejected():
     check_poisson_sampling(TensorDataset(torch.zeros(20, 1)), sampler, sample_rate=0.2)
     with pytest.raises(ValueError, match="sample rate"):
         check_poisson_sampling(TensorDataset(torch.zeros(20, 1)), sampler, sample_rate=0.25)
+
+
+# ---- secure_mode sampling ----
+
+
+def test_secure_sampler_inclusion_frequency():
+    num_examples, batch_size, steps = 200, 20, 300
+    sampler = PoissonBatchSampler(num_examples, batch_size, steps_per_epoch=steps, secure_mode=True)
+
+    counts = torch.zeros(num_examples)
+    for batch in sampler:
+        counts[batch] += 1
+
+    q = batch_size / num_examples
+    mean, std = steps * q, (steps * q * (1 - q)) ** 0.5
+    # The total over all examples: 8 standard deviations of the sum cannot flake.
+    assert abs(counts.sum().item() - num_examples * mean) < 8 * std * num_examples**0.5
+    assert counts.min().item() > 0
+
+
+def test_secure_sampler_rejects_seed():
+    with pytest.raises(ValueError, match="cannot be seeded"):
+        PoissonBatchSampler(100, 10, seed=1, secure_mode=True)
+
+
+def test_secure_sampler_ignores_torch_seed():
+    torch.manual_seed(0)
+    first = list(PoissonBatchSampler(100, 10, steps_per_epoch=3, secure_mode=True))
+    torch.manual_seed(0)
+    second = list(PoissonBatchSampler(100, 10, steps_per_epoch=3, secure_mode=True))
+    assert first != second
+
+
+def test_secure_sampler_resumes_exact_sequence():
+    sampler = PoissonBatchSampler(100, 10, steps_per_epoch=6, secure_mode=True)
+    iterator = iter(sampler)
+    seen = [next(iterator) for _ in range(2)]
+    state = sampler.state_dict()
+    rest = list(iterator) + list(sampler)
+
+    restored = PoissonBatchSampler(100, 10, steps_per_epoch=6, secure_mode=True)
+    restored.load_state_dict(state)
+    assert list(restored) + list(restored) == rest
+    assert seen
+
+
+def test_secure_sampler_state_rejected_by_plain_sampler():
+    secure = PoissonBatchSampler(100, 10, steps_per_epoch=2, secure_mode=True)
+    list(secure)
+    plain = PoissonBatchSampler(100, 10, steps_per_epoch=2, seed=0)
+    with pytest.raises((ValueError, RuntimeError)):
+        plain.load_state_dict(secure.state_dict())
+        list(plain)
