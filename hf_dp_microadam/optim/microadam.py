@@ -6,7 +6,7 @@ Provable Convergence", NeurIPS 2024, arXiv 2405.15593.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_dp_microadam.optim.quantization import PACK_SPAN, bucket_count, code_bytes, dequantize, quantize
-from hf_dp_microadam.optim.topk import topk_indices
+from hf_dp_microadam.optim._microadam_batched import update_small_tensors, width_class
+from hf_dp_microadam.optim._microadam_update import StepScalars, Workspace, update_chunk
+from hf_dp_microadam.optim.quantization import PACK_SPAN, bucket_count, code_bytes
 
 MAX_BLOCK_SIZE = 32768
 """Largest block: block-relative indices 0 .. 32767 fit in int16."""
@@ -26,13 +27,14 @@ DEFAULT_BLOCK_SIZE = MAX_BLOCK_SIZE
 
 ERROR_FEEDBACK_MODES = ("4bit", "fp32")
 
-# Entries processed together. On CPU every stage of a chunk then runs on data that is
-# still in the caches, and the scratch memory stays at 3 float32 buffers of a chunk
-# (12 MB). Of 2^18, 2^20 and 2^22 entries, 2^20 gave the lowest CPU time per step on
-# five 4096 x 1024 tensors (one thread, 2-core AMD EPYC with 32 MB of L3 cache, torch
-# 2.13). Chunks hold whole blocks, buckets and packing spans, so the result does not
-# depend on this number.
-_CPU_CHUNK_TARGET = 1 << 20
+# Entries processed together: a chunk of a large tensor, or a batch of small tensors.
+# On CPU every stage of a chunk then runs on data that is still in the caches, and the
+# scratch memory stays at 12 bytes per entry of a chunk (6 MB). Of 2^18 to 2^21
+# entries, 2^19 gave the lowest CPU time per step on the 20M-parameter stack of
+# benchmarks/optimizer_step.py (one thread, 2-core AMD EPYC with 32 MB of L3 cache
+# shared with other jobs, torch 2.13). Chunks hold whole blocks, buckets and packing
+# spans, so the result does not depend on this number.
+_CPU_CHUNK_TARGET = 1 << 19
 _ACCELERATOR_CHUNK_TARGET = 1 << 24
 
 
@@ -63,6 +65,7 @@ class BlockLayout:
     tail_k: int
 
     @classmethod
+    @functools.lru_cache(maxsize=4096)
     def build(cls, numel: int, block_size: int | None, density: float) -> BlockLayout:
         size = min(block_size or DEFAULT_BLOCK_SIZE, numel)
         full_blocks, tail_size = divmod(numel, size)
@@ -127,15 +130,30 @@ class MicroAdam(Optimizer):
     per entry, plus the round-up of k_b on small blocks (Adam: 8 bytes).
 
     Arithmetic runs in float32 for float32, bfloat16 and float16 parameters. float64
-    parameters are updated in float64 from a float32 u. On CPU each tensor is processed
-    in chunks of whole blocks that fit in the CPU caches.
+    parameters are updated in float64 from a float32 u.
 
-    Speed: on 20M float32 parameters, a step took 2.4 to 3 times as long as
-    `torch.optim.AdamW(foreach=True)` (one thread of a 2-core AMD EPYC, torch 2.13).
-    Top-k selection is the largest part. `benchmarks/optimizer_step.py` measures this.
+    Execution: a tensor of more than `block_size` entries is processed in chunks of whole
+    blocks, about 2^19 entries on CPU (2^24 on other devices), so that every stage runs on
+    data in the CPU caches. Tensors of a group with at most `block_size` entries each
+    (biases, norm weights) that share device, dtypes and step are updated together, with
+    a fixed number of PyTorch calls per batch of up to a chunk. Both give the same parameters and state as
+    updating each tensor on its own, except that a batched window slot lists a tensor's
+    kept indices in another order (and where |a| ties at the k-th largest value of a
+    block, another tied entry may be kept). The scratch memory, 12 bytes per entry of
+    the largest chunk or batch plus the index maps of the batches, is shared by all
+    tensors on a device and is not part of the state (see `workspace_bytes`).
 
-    NOTE: every parameter tensor costs a few hundred PyTorch calls per step, about 0.3 ms
-    on that CPU, so models with many small tensors (biases, norms) pay that per tensor.
+    Speed: `benchmarks/optimizer_step.py` measured it with float32 parameters and torch
+    2.13 on one thread of a 2-core AMD EPYC, shared with other jobs at a load average of
+    3 to 7. On its 20M-parameter stack a step took 113 ms of CPU time, 2.5 times
+    `torch.optim.AdamW(foreach=True)` (44 ms). On the 110M parameters of BERT-base it
+    took 1.5 times AdamW. Exact top-k selection takes about a third of the step, the
+    4-bit error feedback about a third, and the window scatters and gathers the rest. The
+    124 single-block tensors of BERT-base took 4.0 ms (AdamW: 2.3 ms).
+
+    NOTE: with two intra-op threads on that loaded machine, a step took about six times
+    as long as with one, most likely because a step runs a few thousand PyTorch calls and
+    each parallel call waits for both threads.
 
     Args:
         params: parameters or parameter groups. Every group may set its own values of
@@ -195,23 +213,45 @@ class MicroAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        workspaces: dict[torch.device, _Workspace] = {}
         for group in self.param_groups:
+            # Single-block tensors that share device, dtypes and step are updated together.
+            batches: dict[tuple, list[tuple[int, Tensor, dict]]] = {}
             for param in group["params"]:
-                if param.grad is None or param.numel() == 0:
+                numel = param.numel()
+                if param.grad is None or numel == 0:
                     continue
                 _check_parameter(param)
                 state = self.state[param]
-                layout = BlockLayout.build(param.numel(), group["block_size"], group["density"])
+                layout = BlockLayout.build(numel, group["block_size"], group["density"])
                 if not state:
                     _init_state(state, param, layout, group)
                 else:
                     _check_state(state, param, layout, group)
-                workspace = workspaces.get(param.device)
-                if workspace is None:
-                    workspace = workspaces[param.device] = _Workspace(param.device)
-                _update_parameter(param, state, layout, group, workspace)
+                if layout.block_size == numel:
+                    key = (param.device, param.dtype, param.grad.dtype, state["step"])
+                    batches.setdefault(key, []).append((numel, param, state))
+                else:
+                    _update_parameter(param, state, layout, group, self._workspace(param.device))
+            for (device, *_), members in batches.items():
+                _update_batches(members, group, self._workspace(device))
         return loss
+
+    def workspace_bytes(self) -> int:
+        """Return the bytes of scratch memory and caches that the optimizer keeps outside its state.
+
+        This memory is shared by all parameters on a device and is not saved by
+        `state_dict()` (see `hf_dp_microadam.optim._microadam_update.Workspace`).
+        """
+        return sum(workspace.nbytes() for workspace in self.__dict__.get("_workspaces", {}).values())
+
+    def _workspace(self, device: torch.device) -> Workspace:
+        # Created on first use, so optimizers restored by pickle or deepcopy, which
+        # only carry defaults, state and param_groups, get one too.
+        workspaces = self.__dict__.setdefault("_workspaces", {})
+        workspace = workspaces.get(device)
+        if workspace is None:
+            workspace = workspaces[device] = Workspace(device)
+        return workspace
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state from `state_dict()`, keeping the dtypes of the state tensors.
@@ -299,24 +339,27 @@ def _init_state(state: dict, param: Tensor, layout: BlockLayout, group: dict) ->
         state["error"] = torch.zeros(layout.numel, dtype=torch.float32, device=device)
 
 
-def _expected_state_shapes(layout: BlockLayout, group: dict) -> dict[str, tuple[int, ...]]:
-    shapes = {
-        "window_indices": (group["window"], layout.total_k),
-        "window_values": (group["window"], layout.total_k),
-    }
-    if group["error_feedback"] == "4bit":
-        shapes["error_codes"] = (code_bytes(layout.numel),)
-        shapes["error_bounds"] = (2, bucket_count(layout.numel, group["quant_bucket"]))
+@functools.lru_cache(maxsize=4096)
+def _expected_state_shapes(
+    numel: int, total_k: int, window: int, quant_bucket: int, error_feedback: str
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    shapes = [("window_indices", (window, total_k)), ("window_values", (window, total_k))]
+    if error_feedback == "4bit":
+        shapes.append(("error_codes", (code_bytes(numel),)))
+        shapes.append(("error_bounds", (2, bucket_count(numel, quant_bucket))))
     else:
-        shapes["error"] = (layout.numel,)
-    return shapes
+        shapes.append(("error", (numel,)))
+    return tuple(shapes)
 
 
 def _check_state(state: dict, param: Tensor, layout: BlockLayout, group: dict) -> None:
     """Raise ValueError when the state does not fit the group's current settings."""
-    for key, shape in _expected_state_shapes(layout, group).items():
+    shapes = _expected_state_shapes(
+        layout.numel, layout.total_k, group["window"], group["quant_bucket"], group["error_feedback"]
+    )
+    for key, shape in shapes:
         value = state.get(key)
-        if value is None or tuple(value.shape) != shape:
+        if value is None or value.shape != shape:
             found = "missing" if value is None else f"of shape {tuple(value.shape)}"
             raise ValueError(
                 f"MicroAdam state {key!r} of a parameter of shape {tuple(param.shape)} is {found}, "
@@ -327,60 +370,6 @@ def _check_state(state: dict, param: Tensor, layout: BlockLayout, group: dict) -
             )
 
 
-class _Workspace:
-    """Scratch memory of one step on one device, shared by the parameters on that device.
-
-    Contains three float32 buffers of one chunk, and caches the block-start offsets of
-    each chunk shape and the window decay powers of each step count seen in the step.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.chunk_target = _CPU_CHUNK_TARGET if device.type == "cpu" else _ACCELERATOR_CHUNK_TARGET
-        self._buffers: list[Tensor] = []
-        self._block_starts: dict[tuple[int, int, int, int], Tensor] = {}
-        self._decay_powers: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def buffers(self, numel: int) -> list[Tensor]:
-        """Return three float32 buffers of at least `numel` entries."""
-        if not self._buffers or self._buffers[0].numel() < numel:
-            self._buffers = [torch.empty(numel, dtype=torch.float32, device=self.device) for _ in range(3)]
-        return self._buffers
-
-    def decay_powers(self, slot: int, filled: int, window: int, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
-        """Return float32 columns beta1^age and beta2^age of the filled window slots.
-
-        Slot r has age (slot - r) mod window, and only slots 0 .. filled - 1 have been
-        written. The powers are computed on the workspace's device, so no copy waits, and
-        are shared by the parameters that are at the same step.
-        """
-        key = (slot, filled, window, beta1, beta2)
-        powers = self._decay_powers.get(key)
-        if powers is None:
-            ages = torch.arange(filled, device=self.device).neg_().add_(slot).remainder_(window).double()
-            powers = tuple(torch.pow(beta, ages).float().unsqueeze_(1) for beta in (beta1, beta2))
-            self._decay_powers[key] = powers
-        return powers
-
-    def block_starts(self, layout: BlockLayout, full_blocks: int, has_tail: bool) -> Tensor:
-        """Return the chunk-relative start of the block of every window entry of a chunk.
-
-        The window entries of a chunk are `full_k` per full block, then `tail_k` for the
-        tail block when the chunk ends with it.
-        """
-        tail_k = layout.tail_k if has_tail else 0
-        key = (layout.block_size, layout.full_k, full_blocks, tail_k)
-        starts = self._block_starts.get(key)
-        if starts is None:
-            block_ids = torch.arange(full_blocks + (1 if tail_k else 0), dtype=torch.int64, device=self.device)
-            counts = torch.full_like(block_ids, layout.full_k)
-            if tail_k:
-                counts[-1] = tail_k
-            starts = block_ids.mul_(layout.block_size).repeat_interleave(counts)
-            self._block_starts[key] = starts
-        return starts
-
-
 def _chunk_length(layout: BlockLayout, group: dict, target: int) -> int:
     """Return a chunk length made of whole blocks, whole buckets and whole packing spans."""
     unit = layout.block_size
@@ -389,25 +378,13 @@ def _chunk_length(layout: BlockLayout, group: dict, target: int) -> int:
     return max(1, target // unit) * unit
 
 
-def _update_parameter(param: Tensor, state: dict, layout: BlockLayout, group: dict, workspace: _Workspace) -> None:
+def _chunk_target(device: torch.device) -> int:
+    return _CPU_CHUNK_TARGET if device.type == "cpu" else _ACCELERATOR_CHUNK_TARGET
+
+
+def _update_parameter(param: Tensor, state: dict, layout: BlockLayout, group: dict, workspace: Workspace) -> None:
     state["step"] += 1
-    step = state["step"]
-    beta1, beta2 = group["betas"]
-    window = group["window"]
-    slot = (step - 1) % window
-    filled = min(step, window)
-    beta1_powers, beta2_powers = workspace.decay_powers(slot, filled, window, beta1, beta2)
-    scalars = _StepScalars(
-        slot=slot,
-        filled=filled,
-        beta1_powers=beta1_powers,
-        beta2_powers=beta2_powers,
-        c1=(1 - beta1) / (1 - beta1**step),
-        c2=(1 - beta2) / (1 - beta2**step),
-        eps=group["eps"],
-        lr=group["lr"],
-        decay=1 - group["lr"] * group["weight_decay"],
-    )
+    scalars = StepScalars.build(state["step"], group, workspace)
 
     grad = param.grad.reshape(-1)
     if param.is_contiguous():
@@ -415,126 +392,34 @@ def _update_parameter(param: Tensor, state: dict, layout: BlockLayout, group: di
     else:
         flat_param = param.detach().reshape(-1).clone()
 
-    chunk = _chunk_length(layout, group, workspace.chunk_target)
+    chunk = _chunk_length(layout, group, _chunk_target(param.device))
     for start in range(0, layout.numel, chunk):
         stop = min(start + chunk, layout.numel)
-        _update_chunk(flat_param, grad, state, layout, group, scalars, start, stop, workspace)
+        update_chunk(flat_param, grad, state, layout, group, scalars, start, stop, workspace)
 
     if flat_param.data_ptr() != param.data_ptr():
         param.copy_(flat_param.view_as(param))
 
 
-@dataclass(frozen=True)
-class _StepScalars:
-    """Constants of one step of one parameter: window slot, decay weights and coefficients."""
+def _update_batches(members: list[tuple[int, Tensor, dict]], group: dict, workspace: Workspace) -> None:
+    """Update single-block tensors that share device, dtypes and step, in batches of about a chunk.
 
-    slot: int
-    filled: int
-    beta1_powers: Tensor
-    beta2_powers: Tensor
-    c1: float
-    c2: float
-    eps: float
-    lr: float
-    decay: float
-
-
-def _update_chunk(
-    flat_param: Tensor,
-    grad: Tensor,
-    state: dict,
-    layout: BlockLayout,
-    group: dict,
-    scalars: _StepScalars,
-    start: int,
-    stop: int,
-    workspace: _Workspace,
-) -> None:
-    """Run steps 1-5 of the update on entries [start, stop), a run of whole blocks."""
-    length = stop - start
-    accumulator, first_moment, second_moment = (buffer[:length] for buffer in workspace.buffers(length))
-    four_bit = group["error_feedback"] == "4bit"
-    bucket = group["quant_bucket"]
-
-    with _stage("microadam::add_error"):
-        # 1. a = g + dequantize(E). In fp32 mode the state buffer itself becomes a.
-        if four_bit:
-            codes = state["error_codes"][start // 2 : (stop + 1) // 2]
-            bounds = state["error_bounds"][:, start // bucket : bucket_count(stop, bucket)]
-            dequantize(codes, bounds, bucket, length, out=accumulator)
-        else:
-            accumulator = state["error"][start:stop]
-        accumulator.add_(grad[start:stop])
-
-    with _stage("microadam::topk"):
-        # 2. Block-wise top-k of |a| into the newest window slot.
-        first_block = start // layout.block_size
-        full_blocks = min(layout.full_blocks - first_block, length // layout.block_size)
-        has_tail = stop == layout.numel and layout.tail_size > 0
-        # The bit patterns of non-negative floats, read as int32, are ordered like the
-        # floats (NaN above inf, as in torch.topk). Top-k on int32 took 1.3 ns per entry
-        # against 1.9 on float32, whose comparisons handle NaN (torch 2.13, AMD EPYC).
-        keys = torch.abs(accumulator, out=first_moment).view(torch.int32)
-        full_length = full_blocks * layout.block_size
-        block_indices = []
-        if full_blocks > 0:
-            full = keys[:full_length].view(full_blocks, layout.block_size)
-            block_indices.append(topk_indices(full, layout.full_k).view(-1))
-        if has_tail:
-            tail = keys[full_length:].view(1, -1)
-            block_indices.append(topk_indices(tail, layout.tail_k).view(-1))
-        indices = torch.cat(block_indices) if len(block_indices) > 1 else block_indices[0]
-        block_starts = workspace.block_starts(layout, full_blocks, has_tail)
-        positions = indices + block_starts
-
-        k_start = first_block * layout.full_k
-        k_stop = k_start + indices.numel()
-        state["window_indices"][scalars.slot, k_start:k_stop].copy_(indices)
-        state["window_values"][scalars.slot, k_start:k_stop].copy_(accumulator.index_select(0, positions))
-
-    with _stage("microadam::quantize_error"):
-        # 3. The rest of a is the new error.
-        accumulator.index_fill_(0, positions, 0.0)
-        if four_bit:
-            quantize(accumulator, bucket, codes=codes, bounds=bounds, work=accumulator)
-
-    with _stage("microadam::window_moments"):
-        # 4. Moments from the filled window slots, and u = c1 M / (sqrt(c2 S) + eps) at
-        # every window entry. Entries that share a coordinate get the same u.
-        window_positions = state["window_indices"][: scalars.filled, k_start:k_stop].to(torch.int64)
-        window_positions = window_positions.add_(block_starts).view(-1)
-        values = state["window_values"][: scalars.filled, k_start:k_stop].float()
-        # NOTE: on CUDA, index_add_ adds in no fixed order, so M and S can differ in the
-        # last bits between runs unless torch.use_deterministic_algorithms(True) is set.
-        first_moment.zero_().index_add_(0, window_positions, (values * scalars.beta1_powers).view(-1))
-        second_moment.zero_().index_add_(0, window_positions, values.square_().mul_(scalars.beta2_powers).view(-1))
-        denominator = second_moment.index_select(0, window_positions).mul_(scalars.c2).sqrt_().add_(scalars.eps)
-        update = first_moment.index_select(0, window_positions).mul_(scalars.c1).div_(denominator)
-
-    with _stage("microadam::param_update"):
-        # 5. theta <- theta * (1 - lr * wd) - lr * u. Coordinates outside the window only decay.
-        param_chunk = flat_param[start:stop]
-        compute_dtype = torch.float64 if param_chunk.dtype == torch.float64 else torch.float32
-        new_values = param_chunk.index_select(0, window_positions).to(compute_dtype)
-        if scalars.decay != 1.0:
-            new_values.mul_(scalars.decay)
-            param_chunk.mul_(scalars.decay)
-        new_values.add_(update, alpha=-scalars.lr)
-        # Repeated positions carry equal values, so the write order does not matter.
-        param_chunk.scatter_(0, window_positions, new_values.to(param_chunk.dtype))
-
-
-_NO_STAGE = contextlib.nullcontext()
-
-
-def _stage(name: str):
-    """Return a torch.profiler label for a stage while a profiler runs, else a no-op context.
-
-    A `record_function` costs microseconds even without a profiler, so it is only
-    entered while one records.
+    `members` lists (numel, parameter, state) triples.
     """
-    # NOTE: `_is_profiler_enabled` is a private flag of torch.autograd.profiler
-    # (torch 2.x). Without it, the labels are always entered.
-    if getattr(torch.autograd.profiler, "_is_profiler_enabled", True):
-        return torch.profiler.record_function(name)
-    return _NO_STAGE
+    members = sorted(members, key=lambda member: width_class(member[0]))
+    target = _chunk_target(workspace.device)
+    start = 0
+    while start < len(members):
+        stop = start + 1
+        batch_numel = members[start][0]
+        while stop < len(members) and batch_numel + members[stop][0] <= target:
+            batch_numel += members[stop][0]
+            stop += 1
+        if stop - start == 1:
+            numel, param, state = members[start]
+            layout = BlockLayout.build(numel, group["block_size"], group["density"])
+            _update_parameter(param, state, layout, group, workspace)
+        else:
+            batch = members[start:stop]
+            update_small_tensors([param for _, param, _ in batch], [state for _, _, state in batch], group, workspace)
+        start = stop

@@ -29,6 +29,7 @@ Storage for n entries: ceil(n / 2) bytes of codes plus 4 bytes per bucket.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -228,3 +229,126 @@ def _pack_codes(levels: Tensor, codes: Tensor) -> None:
         high = levels[full + tail_low :]
         low[: high.numel()].add_(high, alpha=16)
         codes[full // 2 :].copy_(low.add_(_MANTISSA_OFFSET).view(torch.int32))
+
+
+class ConcatenatedLayout:
+    """Index maps that quantize several 1-D tensors as one concatenated tensor.
+
+    Each part keeps its own buckets and packing spans, exactly as `quantize` lays out a
+    tensor of that size on its own. The concatenated codes are the parts' codes one
+    after another, and the bounds are the parts' bounds side by side (minima in row 0,
+    maxima in row 1). `quantize_concatenated` and `dequantize_concatenated` then handle
+    all parts with a fixed number of PyTorch calls, and their results are the same as
+    those of `quantize` and `dequantize` on every part.
+
+    When every part but the last has a multiple of lcm(bucket_size, 64) entries, the
+    concatenation already has this layout, so `quantize` and `dequantize` run on it
+    directly and no index maps are built (`aligned` is True). Otherwise the maps take
+    three int64 and one uint8 entry per element, and two int64 entries per code byte.
+    """
+
+    def __init__(self, sizes: tuple[int, ...], bucket_size: int, device: torch.device) -> None:
+        if bucket_size < 1:
+            raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
+        self.sizes = sizes
+        self.bucket_size = bucket_size
+        self.numel = sum(sizes)
+        self.code_sizes = [code_bytes(size) for size in sizes]
+        self.bucket_counts = [bucket_count(size, bucket_size) for size in sizes]
+        self.buckets = sum(self.bucket_counts)
+        unit = math.lcm(bucket_size, PACK_SPAN)
+        self.aligned = all(size % unit == 0 for size in sizes[:-1])
+        if self.aligned:
+            return
+
+        entry_bucket, entry_byte, entry_shift, byte_low, byte_high = [], [], [], [], []
+        entry_offset = byte_offset = bucket_offset = 0
+        for size in sizes:
+            local = torch.arange(size, dtype=torch.int64)
+            entry_bucket.append(local // bucket_size + bucket_offset)
+            byte, shift = _entry_bytes(size)
+            entry_byte.append(byte + byte_offset)
+            entry_shift.append(shift)
+            low, high = _byte_entries(size)
+            byte_low.append(low + entry_offset)
+            # A byte without a high entry points past the end, where the packer puts level 0.
+            byte_high.append(torch.where(high < 0, self.numel, high + entry_offset))
+            entry_offset += size
+            byte_offset += code_bytes(size)
+            bucket_offset += bucket_count(size, bucket_size)
+
+        self.entry_bucket = torch.cat(entry_bucket).to(device)
+        self.entry_byte = torch.cat(entry_byte).to(device)
+        self.entry_shift = torch.cat(entry_shift).to(device)
+        self.byte_low = torch.cat(byte_low).to(device)
+        self.byte_high = torch.cat(byte_high).to(device)
+
+
+def dequantize_concatenated(codes: Tensor, bounds: Tensor, layout: ConcatenatedLayout, *, out: Tensor) -> Tensor:
+    """Decode the concatenated parts of `layout` into the float32 tensor `out` of `layout.numel` entries."""
+    if layout.aligned:
+        return dequantize(codes, bounds, layout.bucket_size, layout.numel, out=out)
+    levels = codes.index_select(0, layout.entry_byte)
+    levels = torch.bitwise_right_shift(levels, layout.entry_shift).bitwise_and_(0x0F)
+    out.copy_(levels)
+    stored = bounds.float()
+    lower = stored[0]
+    step = stored[1].sub_(lower).div_(CODE_LEVELS)
+    out.mul_(step.index_select(0, layout.entry_bucket)).add_(lower.index_select(0, layout.entry_bucket))
+    return out
+
+
+def quantize_concatenated(x: Tensor, layout: ConcatenatedLayout, *, codes: Tensor, bounds: Tensor) -> None:
+    """Quantize the float32 tensor `x` part by part into `codes` and `bounds`, overwriting `x`.
+
+    The codes and bounds are laid out as `ConcatenatedLayout` describes.
+    """
+    if layout.aligned:
+        quantize(x, layout.bucket_size, codes=codes, bounds=bounds, work=x)
+        return
+    extremes = torch.empty(2, layout.buckets, dtype=torch.float32, device=x.device)
+    extremes[0].scatter_reduce_(0, layout.entry_bucket, x, "amin", include_self=False)
+    extremes[1].scatter_reduce_(0, layout.entry_bucket, x, "amax", include_self=False)
+    _round_outward_to_bfloat16(extremes, out=bounds)
+
+    stored = bounds.float()
+    lower = stored[0]
+    step = stored[1].sub_(lower).div_(CODE_LEVELS)
+    step.masked_fill_(step == 0, 1.0)
+    x.sub_(lower.index_select(0, layout.entry_bucket)).div_(step.index_select(0, layout.entry_bucket))
+    x.round_()
+
+    levels = torch.cat([x, x.new_zeros(1)])
+    packed = levels.index_select(0, layout.byte_low)
+    packed.add_(levels.index_select(0, layout.byte_high), alpha=16).add_(_MANTISSA_OFFSET)
+    codes.copy_(packed.view(torch.int32))
+
+
+def _entry_bytes(numel: int) -> tuple[Tensor, Tensor]:
+    """Return the code byte and the bit shift (0 or 4) of every entry of a tensor of `numel` entries."""
+    entries = torch.arange(numel, dtype=torch.int64)
+    full, tail_low = _span_split(numel)
+    in_span = entries % PACK_SPAN
+    high = in_span >= _HALF_SPAN
+    byte = entries // PACK_SPAN * _HALF_SPAN + in_span - high * _HALF_SPAN
+    tail = entries >= full
+    tail_high = entries >= full + tail_low
+    tail_byte = full // 2 + entries - full - tail_high * tail_low
+    byte = torch.where(tail, tail_byte, byte)
+    high = torch.where(tail, tail_high, high)
+    return byte, high.to(torch.uint8) * 4
+
+
+def _byte_entries(numel: int) -> tuple[Tensor, Tensor]:
+    """Return the entries in the low and high nibble of every code byte; -1 where a byte has no high entry."""
+    bytes_ = torch.arange(code_bytes(numel), dtype=torch.int64)
+    full, tail_low = _span_split(numel)
+    low = bytes_ // _HALF_SPAN * PACK_SPAN + bytes_ % _HALF_SPAN
+    high = low + _HALF_SPAN
+    tail = bytes_ >= full // 2
+    tail_low_entry = full + bytes_ - full // 2
+    tail_high_entry = tail_low_entry + tail_low
+    low = torch.where(tail, tail_low_entry, low)
+    high = torch.where(tail, tail_high_entry, high)
+    high = torch.where(high < numel, high, -1)
+    return low, high

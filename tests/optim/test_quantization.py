@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from hf_dp_microadam.optim.quantization import bucket_count, code_bytes, dequantize, quantize
+from hf_dp_microadam.optim.quantization import (
+    ConcatenatedLayout,
+    bucket_count,
+    code_bytes,
+    dequantize,
+    dequantize_concatenated,
+    quantize,
+    quantize_concatenated,
+)
 
 
 def bfloat16_spacing(values: torch.Tensor) -> torch.Tensor:
@@ -115,3 +123,52 @@ def test_quantize_rejects_bad_input():
         quantize(torch.randn(2, 3), 4)
     with pytest.raises(ValueError, match="bucket_size"):
         quantize(torch.randn(4), 0)
+
+
+CONCATENATED_CASES = {
+    # Odd sizes: partial packing spans and buckets in the middle of the concatenation.
+    "odd_sizes_bucket_7": ((5, 1, 2, 3, 63, 64, 65, 129, 1000, 1001), 7),
+    "odd_sizes_bucket_64": ((5, 1, 2, 3, 63, 64, 65, 129, 1000, 1001), 64),
+    # Multiples of 64 but not of the bucket: aligned spans, partial buckets.
+    "partial_buckets_4096": ((768, 3072, 768, 64), 4096),
+    # Multiples of lcm(bucket, 64) but the last: the concatenation is already laid out.
+    "aligned_bucket_64": ((768, 3072, 64, 130), 64),
+    "aligned_bucket_4096": ((8192, 4096, 100), 4096),
+    "bucket_1": ((3, 64, 5), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CONCATENATED_CASES))
+def test_concatenated_equals_per_part(case):
+    sizes, bucket_size = CONCATENATED_CASES[case]
+    generator = torch.Generator().manual_seed(len(sizes) * 1000 + bucket_size)
+    parts = [torch.randn(size, generator=generator) * torch.rand(size, generator=generator).mul(10) for size in sizes]
+    parts[2].fill_(0.75)  # a constant part
+    expected = [quantize(part.clone(), bucket_size) for part in parts]
+    layout = ConcatenatedLayout(sizes, bucket_size, torch.device("cpu"))
+    assert layout.aligned == case.startswith("aligned")
+    assert layout.code_sizes == [code_bytes(size) for size in sizes]
+    assert layout.bucket_counts == [bucket_count(size, bucket_size) for size in sizes]
+
+    codes = torch.empty(sum(layout.code_sizes), dtype=torch.uint8)
+    bounds = torch.empty(2, layout.buckets, dtype=torch.bfloat16)
+    quantize_concatenated(torch.cat(parts), layout, codes=codes, bounds=bounds)
+    assert torch.equal(codes, torch.cat([part_codes for part_codes, _ in expected]))
+    expected_bounds = torch.cat([part_bounds for _, part_bounds in expected], dim=1)
+    assert torch.equal(bounds.view(torch.int16), expected_bounds.view(torch.int16))
+
+    restored = dequantize_concatenated(codes, bounds, layout, out=torch.empty(layout.numel))
+    for part, (part_codes, part_bounds), piece in zip(parts, expected, restored.split(list(sizes))):
+        assert torch.equal(piece, dequantize(part_codes, part_bounds, bucket_size, part.numel()))
+
+
+def test_concatenated_odd_part_keeps_high_nibble_zero():
+    # A part of 5 entries packs 3 bytes, and the third byte has no high entry.
+    sizes = (5, 64)
+    parts = [torch.tensor([0.0, 1.0, 2.0, 3.0, 15.0]), torch.full((64,), 7.0)]
+    layout = ConcatenatedLayout(sizes, 64, torch.device("cpu"))
+    codes = torch.empty(sum(layout.code_sizes), dtype=torch.uint8)
+    bounds = torch.empty(2, layout.buckets, dtype=torch.bfloat16)
+    quantize_concatenated(torch.cat(parts), layout, codes=codes, bounds=bounds)
+    assert int(codes[2]) >> 4 == 0
+    assert torch.equal(codes[:3], quantize(parts[0], 64)[0])

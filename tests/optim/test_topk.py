@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_dp_microadam.optim.topk import topk_indices
+from hf_dp_microadam.optim.topk import leading_positions, padded_topk_indices, topk_indices
 
 
 def assert_valid_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> None:
@@ -57,3 +57,26 @@ def test_topk_rejects_bad_k():
         topk_indices(torch.rand(2, 10), 11)
     with pytest.raises(ValueError, match="k must be in"):
         topk_indices(torch.rand(2, 10), 0)
+
+
+def test_padded_topk_per_row_counts():
+    generator = torch.Generator().manual_seed(3)
+    lengths, counts = [5, 8, 1, 7], [2, 8, 1, 3]
+    width = 8
+    keys = torch.full((len(lengths), width), -1, dtype=torch.int32)
+    for row, length in enumerate(lengths):
+        keys[row, :length] = torch.randperm(1000, generator=generator)[:length].int()
+    leading = leading_positions(counts, max(counts), torch.device("cpu"))
+    assert leading.tolist() == [0, 1, 8, 9, 10, 11, 12, 13, 14, 15, 16, 24, 25, 26]
+
+    indices = padded_topk_indices(keys, max(counts), leading)
+    assert indices.shape == (sum(counts),)
+    for row, (chosen, count) in enumerate(zip(indices.split(counts), counts)):
+        assert bool((chosen < lengths[row]).all()), f"row {row}: padding chosen"
+        expected = torch.topk(keys[row], count).values
+        assert torch.equal(keys[row, chosen], expected), f"row {row}"
+
+
+def test_padded_topk_rejects_bad_count():
+    with pytest.raises(ValueError, match="k must be in"):
+        padded_topk_indices(torch.zeros(2, 4, dtype=torch.int32), 5, torch.arange(2))
