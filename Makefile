@@ -2,6 +2,8 @@
 #   make test              create .venv, install the package, run the unit tests
 #   make assets            install the offline models and data the recipes use
 #   make test-integration  run the tests on real pretrained weights and real data
+#   make main              set up, install the assets and run the main job: DP-MicroAdam LoRA
+#                          fine-tuning of MiniLM on Rotten Tomatoes at epsilon = 8 (CPU)
 #
 # TORCH_SPEC picks the torch build: the default is the CPU build; on a GPU machine
 # pass e.g. TORCH_SPEC=torch to let pip choose a CUDA build.
@@ -17,7 +19,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HOME ?= $(CURDIR)/.hf_home
 
-.PHONY: setup assets test test-integration
+.PHONY: setup assets test test-integration main
 
 setup: $(STAMP)
 
@@ -36,3 +38,8 @@ test: setup
 
 test-integration: assets
 	$(BIN)/python -m pytest -m "integration or multiprocess" -q
+
+# Prints the test accuracy and the epsilon spent; outputs go to outputs/text_classification/cpu.
+# A second run reports the finished run instead of training again.
+main: assets
+	$(BIN)/python recipes/text_classification.py configs/text_classification/cpu.yaml

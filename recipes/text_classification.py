@@ -99,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run.run_recipe_main(main)

@@ -74,7 +74,7 @@ class DataArguments:
     dataset_name: str = field(
         metadata={
             "help": "Offline dataset name (rotten-tomatoes, fashion-mnist), or a hub id or path for "
-            "datasets.load_dataset. A dataset without validation or test split gets one from 10% of train."
+            "datasets.load_dataset. A dataset without validation or test split gets one from a tenth of the training rows."
         }
     )
     dataset_config_name: str | None = field(

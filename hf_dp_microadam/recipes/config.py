@@ -51,9 +51,11 @@ def load_yaml_config(path: str | Path) -> dict:
 
 
 def suggest_option(name: str, known: Iterable[str]) -> str:
-    """Return ' (did you mean 'x'?)' for the closest known option name, or an empty string."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """Return " (did you mean 'a' or 'b'?)" with up to three close option names, or ''."""
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {' or '.join(repr(option) for option in close)}?)"
 
 
 def build_parser(dataclass_types: Sequence[type]) -> HfArgumentParser:

@@ -23,6 +23,9 @@ from pathlib import Path
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from hf_dp_microadam.assets import MissingAssetError
+
+from .config import ConfigError
 from .plots import plot_training_curves
 
 logger = logging.getLogger(__name__)
@@ -210,3 +213,16 @@ def print_summary(metrics: dict, keys: tuple[str, ...], output_dir: str) -> None
         text = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
         print(f"  {key:<{width}} : {text}")
     print(f"  {'outputs':<{width}} : {output_dir}\n")
+
+
+def run_recipe_main(main) -> None:
+    """Call a recipe's `main()`; a configuration error or a missing asset exits with status 2.
+
+    Those two errors carry the whole fix in their message, so it is printed without a
+    traceback. Every other exception propagates.
+    """
+    try:
+        main()
+    except (ConfigError, MissingAssetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
