@@ -240,6 +240,17 @@ class DPMicroAdamTrainer(Trainer):
             logs["epsilon"] = self.dp_engine.epsilon
         super().log(logs, start_time)
 
+    def log_metrics(self, split: str, metrics: dict) -> None:
+        """Print metrics as `Trainer.log_metrics` does, with delta in scientific notation.
+
+        The Trainer rounds every float to 4 decimals, which would print a delta of 3.9e-05
+        as 0.0.
+        """
+        shown = dict(metrics)
+        if isinstance(shown.get("delta"), float):
+            shown["delta"] = f"{shown['delta']:.4g}"
+        super().log_metrics(split, shown)
+
     def privacy_report(self):
         """Return the `PrivacyReport` of the privacy spent so far."""
         if self.dp_engine is None:

@@ -238,6 +238,20 @@ def test_privacy_report_file(tmp_path):
     assert report["epsilon"] == pytest.approx(output.metrics["epsilon"])
 
 
+def test_log_metrics_prints_delta_unrounded(tmp_path, capsys):
+    trainer = DPMicroAdamTrainer(
+        model=tiny_bert_classifier(),
+        args=dp_args(tmp_path),
+        train_dataset=text_classification_dataset(),
+        data_collator=pad_text_batch,
+    )
+    trainer.log_metrics("train", {"epsilon": 7.96, "delta": 3.894e-05})
+
+    printed = capsys.readouterr().out
+    assert "3.894e-05" in printed
+    assert "7.96" in printed
+
+
 def test_target_epsilon_calibrates_noise_for_the_planned_steps(tmp_path):
     trainer = DPMicroAdamTrainer(
         model=tiny_bert_classifier(),
