@@ -353,6 +353,7 @@ class DPEngine:
             num_examples=self.num_examples,
             target_epsilon=self.config.target_epsilon,
             secure_mode=self.config.secure_mode,
+            max_grad_norm=None if self.config.disable_dp else self.config.max_grad_norm,
             disabled=self.config.disable_dp,
         )
 

@@ -153,6 +153,7 @@ def main(argv=None):
         run.write_json(Path(training_args.output_dir) / GENERATIONS_FILE, {"generations": generations})
         log_generations(generations)
         run.print_summary(metrics, HEADLINE_KEYS, training_args.output_dir)
+    run.finish(trainer)
     return metrics
 
 

@@ -234,6 +234,7 @@ def test_privacy_report_file(tmp_path):
         report = json.load(handle)
     assert report["steps"] == 4
     assert report["noise_multiplier"] == 1.0
+    assert report["max_grad_norm"] == 1.0
     assert report["sample_rate"] == pytest.approx(8 / 48)
     assert report["epsilon"] == pytest.approx(output.metrics["epsilon"])
 

@@ -54,4 +54,5 @@ def evaluate_and_save(trainer, test_dataset, *, recipe: str, model_args, data_ar
     )
     if trainer.is_world_process_zero():
         run.print_summary(metrics, HEADLINE_KEYS, args.output_dir)
+    run.finish(trainer)
     return metrics

@@ -204,6 +204,16 @@ def save_outputs(trainer, metrics: dict, *, plot_metric: str | None, title: str)
         logger.warning("No training curves plotted: %s", error)
 
 
+def finish(trainer) -> None:
+    """Wait for every process, then close the process group.
+
+    Without this, a rank that is done while rank 0 still writes files can exit with the
+    gloo process group open, which aborts it and makes the launcher stop rank 0.
+    """
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
+
 def print_summary(metrics: dict, keys: tuple[str, ...], output_dir: str) -> None:
     """Print `metrics[key]` for each of `keys` as an aligned block on stdout."""
     width = max(len(key) for key in (*keys, "outputs"))

@@ -55,12 +55,13 @@ def recipe_command(recipe: str, config: str, output_dir: Path, *extra: str) -> l
             "--output_dir", str(output_dir), *SHORT_RUN, *extra]
 
 
-def accelerate_command(recipe: str, config: str, output_dir: Path, *extra: str) -> list[str]:
+def accelerate_command(recipe: str, config: str, output_dir: Path, *extra: str,
+                       accelerate_config: str = "cpu.yaml") -> list[str]:
     launcher = Path(sys.executable).with_name("accelerate")
     prefix = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
     if launcher.exists():
         prefix.append("launch")
-    return [*prefix, "--config_file", str(CONFIGS_DIR / "accelerate" / "cpu.yaml"),
+    return [*prefix, "--config_file", str(CONFIGS_DIR / "accelerate" / accelerate_config),
             str(RECIPES_DIR / f"{recipe}.py"), str(CONFIGS_DIR / config),
             "--output_dir", str(output_dir), *SHORT_RUN, *extra]
 
@@ -77,6 +78,7 @@ def check_privacy_files(output_dir: Path) -> dict:
     assert report["target_epsilon"] == 8
     assert 0 < report["epsilon"] <= 8
     assert report["disabled"] is False
+    assert report["max_grad_norm"] == 1.0
     assert report["expected_batch_size"] == 32
     assert metrics["epsilon"] == pytest.approx(report["epsilon"])
     assert metrics["delta"] == pytest.approx(report["delta"])
@@ -160,6 +162,18 @@ def test_text_recipe_rerun_reports_finished_run(text_run):
     result = run_recipe(command, output_dir)
     assert "already finished" in result.stdout
     assert "test_accuracy" in result.stdout
+
+
+@pytest.mark.multiprocess
+def test_text_recipe_on_two_cpu_processes(tmp_path):
+    output_dir = tmp_path / "run"
+    command = accelerate_command("text_classification", "text_classification/cpu.yaml", output_dir,
+                                 accelerate_config="multi_cpu.yaml")
+    result = run_recipe(command, output_dir)
+
+    assert "test_accuracy" in result.stdout
+    check_privacy_files(output_dir)
+    check_plot(output_dir)
 
 
 # ---- image classification: accelerate launch ----
