@@ -27,6 +27,8 @@ GPUs, create the accelerator with `Accelerator(cpu=True)`.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,8 @@ from .arguments import (
 if TYPE_CHECKING:
     from .arguments import DPTrainingArguments
     from .engine import DPEngine
+
+logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "DP_MICROADAM_"
 
@@ -161,6 +165,7 @@ class DPMicroAdamPlugin:
     engine: DPEngine | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        self._warn_about_unknown_environment_variables()
         for dataclass_field in fields(self):
             if dataclass_field.name == "engine" or getattr(self, dataclass_field.name) is not None:
                 continue
@@ -170,6 +175,16 @@ class DPMicroAdamPlugin:
             elif dataclass_field.name in _DEFAULTS:
                 setattr(self, dataclass_field.name, _DEFAULTS[dataclass_field.name])
         self._check()
+
+    def _warn_about_unknown_environment_variables(self) -> None:
+        # A misspelled variable would otherwise leave its field at the default unnoticed.
+        known = {ENV_PREFIX + f.name.upper() for f in fields(self) if f.name != "engine"}
+        for name in sorted(os.environ):
+            if name.startswith(ENV_PREFIX) and name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                logger.warning("ignoring environment variable %s: DPMicroAdamPlugin has no such field%s",
+                               name, hint)
 
     def _parse_env(self, name: str, text: str) -> Any:
         try:

@@ -31,6 +31,15 @@ def test_plugin_arguments_win_over_environment(monkeypatch):
     assert plugin.target_epsilon == 8.0
 
 
+def test_plugin_warns_on_misspelled_variable(monkeypatch, caplog):
+    monkeypatch.setenv("DP_MICROADAM_TARGET_EPSLON", "3.5")
+    with caplog.at_level("WARNING", logger="hf_dp_microadam.accelerate_plugin"):
+        DPMicroAdamPlugin(target_epsilon=8.0, expected_batch_size=16)
+
+    assert "DP_MICROADAM_TARGET_EPSLON" in caplog.text
+    assert "did you mean DP_MICROADAM_TARGET_EPSILON" in caplog.text
+
+
 def test_plugin_rejects_bad_environment_value(monkeypatch):
     monkeypatch.setenv("DP_MICROADAM_EXPECTED_BATCH_SIZE", "many")
     with pytest.raises(ValueError, match="DP_MICROADAM_EXPECTED_BATCH_SIZE"):

@@ -20,7 +20,12 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-USAGE = "RECIPE.py CONFIG.yaml [--option value ...]"
+USAGE = "{script} CONFIG.yaml [--option value ...]"
+
+
+def usage() -> str:
+    """Return the usage line with the name of the running script."""
+    return USAGE.format(script=Path(sys.argv[0]).name or "RECIPE.py")
 
 
 class ConfigError(ValueError):
@@ -64,7 +69,7 @@ def build_parser(dataclass_types: Sequence[type]) -> HfArgumentParser:
     Abbreviations are off so that a misspelled option is reported instead of silently
     matching a longer one.
     """
-    return _RecipeArgumentParser(dataclass_types, allow_abbrev=False, usage=USAGE)
+    return _RecipeArgumentParser(dataclass_types, allow_abbrev=False, usage=usage())
 
 
 def _option_names(parser: argparse.ArgumentParser) -> set[str]:
@@ -98,7 +103,7 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: list[str] | None = 
         parser.print_help()
         sys.exit(0)
     if not argv or argv[0].startswith("-"):
-        raise ConfigError(f"usage: {USAGE}: the first argument must be a YAML config file")
+        raise ConfigError(f"usage: {usage()}: the first argument must be a YAML config file")
     config_path, overrides = argv[0], argv[1:]
     config = load_yaml_config(config_path)
 

@@ -93,7 +93,7 @@ def detect_last_checkpoint(training_args) -> str | None:
     if last_checkpoint is not None:
         return last_checkpoint
     if any(output_dir.iterdir()):
-        raise FileExistsError(
+        raise ConfigError(
             f"output_dir {output_dir} already contains files but no checkpoint to resume from. "
             "Set --overwrite_output_dir true to write a new run into it, or choose another output_dir."
         )

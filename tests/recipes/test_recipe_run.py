@@ -15,6 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from hf_dp_microadam.recipes import run
 from hf_dp_microadam.recipes.arguments import LoraArguments, ModelArguments
+from hf_dp_microadam.recipes.config import ConfigError
 from hf_dp_microadam.recipes.classification import label_settings
 from hf_dp_microadam.recipes.data import CausalLMCollator
 from hf_dp_microadam.recipes.environment import configure_environment, uses_only_offline_assets
@@ -68,7 +69,7 @@ def test_overwrite_deletes_checkpoints(tmp_path):
 
 def test_output_dir_with_files_but_no_checkpoint_is_an_error(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
-    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+    with pytest.raises(ConfigError, match="overwrite_output_dir"):
         run.detect_last_checkpoint(run_args(tmp_path))
 
 
