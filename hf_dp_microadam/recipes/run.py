@@ -134,9 +134,34 @@ def report_finished_run(training_args, checkpoint: str, headline_keys: tuple[str
         "true to train again.",
         training_args.output_dir, Path(checkpoint).name,
     )
+    changed = settings_changed_since(training_args, metrics)
+    if changed:
+        logger.warning(
+            "The finished run used other settings than this command (%s): its results do not reflect them. Set "
+            "--overwrite_output_dir true or choose another output_dir to train with the new settings.",
+            ", ".join(changed),
+        )
     if training_args.should_log:
         print_summary(metrics, headline_keys, training_args.output_dir)
     return metrics
+
+
+# (option of this command, key of the same setting in metrics.json)
+_REPORTED_SETTINGS = (
+    ("target_epsilon", "target_epsilon"),
+    ("dp_optimizer", "dp_optimizer"),
+    ("logical_batch_size", "expected_batch_size"),
+)
+
+
+def settings_changed_since(training_args, metrics: dict) -> list[str]:
+    """Return 'option: finished -> requested' for each DP setting that differs from a finished run's."""
+    changed = []
+    for option, key in _REPORTED_SETTINGS:
+        requested = getattr(training_args, option, None)
+        if key in metrics and requested is not None and metrics[key] != requested:
+            changed.append(f"{option}: {metrics[key]} -> {requested}")
+    return changed
 
 
 def train(trainer, checkpoint: str | None) -> dict:

@@ -89,6 +89,19 @@ def test_finished_run_reports_saved_metrics(tmp_path, capsys):
     assert "epsilon       : 7.9" in printed
 
 
+def test_finished_run_warns_about_changed_settings(tmp_path, caplog):
+    checkpoint = make_checkpoint(tmp_path, 10, max_steps=10)
+    run.write_json(tmp_path / run.METRICS_FILE, {"epsilon": 7.9, "target_epsilon": 8, "dp_optimizer": "dp-microadam",
+                                                 "expected_batch_size": 256})
+    args = run_args(tmp_path, should_log=False, target_epsilon=3.0, dp_optimizer="dp-microadam",
+                    logical_batch_size=256)
+    with caplog.at_level("WARNING", logger="hf_dp_microadam.recipes.run"):
+        run.report_finished_run(args, str(checkpoint), ("epsilon",))
+
+    assert "target_epsilon: 8 -> 3.0" in caplog.text
+    assert "dp_optimizer" not in caplog.text
+
+
 def test_finished_run_without_metrics_is_an_error(tmp_path):
     checkpoint = make_checkpoint(tmp_path, 10, max_steps=10)
     with pytest.raises(FileNotFoundError, match="overwrite_output_dir"):
