@@ -183,7 +183,7 @@ class DPMicroAdamPlugin:
             if name.startswith(ENV_PREFIX) and name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                logger.warning("ignoring environment variable %s: DPMicroAdamPlugin has no such field%s",
+                logger.warning("unknown environment variable %s is ignored: DPMicroAdamPlugin has no such field%s",
                                name, hint)
 
     def _parse_env(self, name: str, text: str) -> Any:

@@ -246,10 +246,10 @@ class DPMicroAdamTrainer(Trainer):
         The Trainer rounds every float to 4 decimals, which would print a delta of 3.9e-05
         as 0.0.
         """
-        shown = dict(metrics)
-        if isinstance(shown.get("delta"), float):
-            shown["delta"] = f"{shown['delta']:.4g}"
-        super().log_metrics(split, shown)
+        formatted = dict(metrics)
+        if isinstance(formatted.get("delta"), float):
+            formatted["delta"] = f"{formatted['delta']:.4g}"
+        super().log_metrics(split, formatted)
 
     def privacy_report(self):
         """Return the `PrivacyReport` of the privacy spent so far."""

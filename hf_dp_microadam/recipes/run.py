@@ -251,7 +251,7 @@ def print_summary(metrics: dict, keys: tuple[str, ...], output_dir: str) -> None
 
 
 def run_recipe_main(main) -> None:
-    """Call a recipe's `main()`; a configuration error or a missing asset exits with status 2.
+    """Call a recipe's `main()`, exiting with status 2 on a configuration error or a missing asset.
 
     Those two errors carry the whole fix in their message, so it is printed without a
     traceback. Every other exception propagates.

@@ -1,8 +1,9 @@
 """The three recipes, run as a user runs them on their default CPU configs, cut to a few steps.
 
 Each recipe runs once per module in a subprocess on the real offline model and data
-(install them with `make assets`); the tests then check every file it wrote. The image
-recipe runs through `accelerate launch` with the single-process CPU config.
+(install them with `make assets`), and the tests then check every file it wrote. The
+image recipe runs through `accelerate launch` with the single-process CPU config, and one
+text run uses the two-process CPU config.
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ def test_text_recipe_adapter_reloads(text_run):
     assert any(parameters[name].abs().sum() > 0 for name in lora_b), "LoRA B matrices are still zero"
     head = [key for key in saved if "classifier" in key]
     assert head, "the classification head was not saved with the adapter"
-    # PEFT saves `classifier.bias` for the trained copy it holds as
-    # `classifier.modules_to_save.default.bias`, and `lora_B.weight` for `lora_B.default.weight`.
+    # PEFT saves the trained head copy `classifier.modules_to_save.default.bias` under the
+    # name `classifier.bias`, and `lora_B.default.weight` under `lora_B.weight`.
     def saved_name(name: str) -> str:
         return name.replace(".modules_to_save.default", "").replace(".default", "")
 
@@ -239,7 +240,8 @@ def test_causal_lm_recipe_metrics(causal_lm_run):
     output_dir, result = causal_lm_run
     metrics = check_privacy_files(output_dir)
     for key in ("perplexity_before", "perplexity_after", "test_loss_before", "test_loss_after"):
-        assert math.isfinite(metrics[key]) and metrics[key] > 0, key
+        assert math.isfinite(metrics[key]), key
+        assert metrics[key] > 0, key
     assert metrics["perplexity_before"] == pytest.approx(math.exp(metrics["test_loss_before"]))
     assert metrics["test_tokens"] > 32
     assert "perplexity_after" in result.stdout
