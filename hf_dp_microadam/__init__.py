@@ -21,6 +21,7 @@ _PUBLIC_NAMES = {
     "DPTrainingArguments": "hf_dp_microadam.arguments",
     "DPMicroAdamTrainer": "hf_dp_microadam.trainer",
     "DPMicroAdamPlugin": "hf_dp_microadam.accelerate_plugin",
+    "MeanPooledBertForSequenceClassification": "hf_dp_microadam.modeling_mean_pooling",
 }
 
 __all__ = sorted(_PUBLIC_NAMES)

@@ -34,6 +34,10 @@ DP_STATE_FILE = "dp_state.pt"
 _STATE_VERSION = 1
 
 
+class DPSettingsChangedError(ValueError):
+    """A checkpoint's privacy state was saved by a run with other DP settings."""
+
+
 class PrivacyBudgetExhaustedError(RuntimeError):
     """Raised instead of taking a step that would spend more than the target epsilon."""
 
@@ -377,14 +381,24 @@ class DPEngine:
         return self.accountant.steps - self.sampler.epoch * self.steps_per_epoch
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a state saved by `state_dict()`; reject one from a run with other DP settings."""
+        """Restore a state saved by `state_dict()`.
+
+        Raises DPSettingsChangedError for a state saved by a run with other DP settings.
+        Settings that a state saved by an older version lacks are not compared.
+        """
         saved, current = state.get("settings", {}), self._fingerprint()
-        changed = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+        changed = {
+            key: (saved[key], value) for key, value in current.items() if key in saved and saved[key] != value
+        }
         if changed:
             details = ", ".join(f"{key}: saved {old!r}, now {new!r}" for key, (old, new) in changed.items())
-            raise ValueError(
-                f"the checkpoint's privacy state comes from a run with other DP settings ({details}); "
-                "resume with the same settings or start a new run"
+            hint = ""
+            if set(changed) == {"noise_multiplier"}:
+                hint = (" The noise multiplier is calibrated from target_epsilon, target_delta, the expected batch "
+                        "size and the number of planned steps; one of them changed.")
+            raise DPSettingsChangedError(
+                f"the checkpoint's privacy state comes from a run with other DP settings ({details}).{hint} "
+                "Resume with the same settings, or start a new run"
             )
         saved_world_size = state.get("world_size", state.get("settings", {}).get("world_size"))
         if saved_world_size is not None and saved_world_size != self.world_size:
@@ -404,7 +418,11 @@ class DPEngine:
         # generator state and position, the noise only on rank 0's generator, and the
         # accountant only on (sigma, q) per step. A run resumed on another number of
         # processes continues the same sequence, up to float rounding of the all-reduced sums.
+        calibrated = not self.config.disable_dp and self.config.noise_multiplier is None
         return {
+            # With a calibrated noise multiplier, these two name the option a user changed.
+            "target_epsilon": self.config.target_epsilon if calibrated else None,
+            "planned_steps": self.planned_steps if calibrated else None,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "expected_batch_size": self.config.expected_batch_size,

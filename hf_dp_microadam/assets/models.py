@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 _CLASSIFICATION_TASKS = (TASK_SEQUENCE_CLASSIFICATION, TASK_IMAGE_CLASSIFICATION)
 
+# Values of load_model's classifier_pooling; None keeps the architecture's own head.
+CLASSIFIER_POOLINGS = ("mean",)
+
 
 def load_model(
     name_or_path: str | os.PathLike,
@@ -35,6 +38,7 @@ def load_model(
     num_labels: int | None = None,
     dtype: torch.dtype | str | None = torch.float32,
     processor_kwargs: Mapping[str, Any] | None = None,
+    classifier_pooling: str | None = None,
     **model_kwargs: Any,
 ):
     """Load a model for `task` and return `(model, processor)`.
@@ -55,6 +59,12 @@ def load_model(
     tokenizer has no pad token gets the EOS token as pad token, in the tokenizer and in
     `model.config.pad_token_id`, so that batches can be padded.
 
+    `classifier_pooling="mean"` (sequence classification of a BERT encoder only) builds
+    `MeanPooledBertForSequenceClassification`, which classifies the masked mean of the
+    token states instead of the pooler output on [CLS]; use it for sentence encoders such
+    as all-MiniLM-L6-v2. A folder saved from that class is loaded with it again without
+    the option, from `classifier_pooling` in its config.
+
     `dtype` defaults to float32 for every path, because transformers 5.25 otherwise loads
     a half-precision checkpoint in half precision. Pass `dtype="auto"` for the
     checkpoint's own dtype. `processor_kwargs` go to the processor's `from_pretrained`
@@ -67,6 +77,7 @@ def load_model(
     """
     task = normalize_task(task)
     _check_num_labels(task, num_labels)
+    _check_classifier_pooling(task, classifier_pooling)
     processor_kwargs = dict(processor_kwargs or {})
     if task == TASK_IMAGE_CLASSIFICATION:
         # Grayscale images, such as Fashion-MNIST's, become the 3 channels the models expect.
@@ -82,9 +93,11 @@ def load_model(
 
     name = os.fspath(name_or_path)
     if name in OFFLINE_MODELS:
-        model, processor = _load_offline_model(OFFLINE_MODELS[name], task, processor_kwargs, model_kwargs)
+        model, processor = _load_offline_model(
+            OFFLINE_MODELS[name], task, processor_kwargs, model_kwargs, classifier_pooling
+        )
     else:
-        model, processor = _load_pretrained(name, task, processor_kwargs, model_kwargs)
+        model, processor = _load_pretrained(name, task, processor_kwargs, model_kwargs, classifier_pooling)
 
     if hasattr(processor, "pad_token"):
         _ensure_pad_token(model, processor)
@@ -155,6 +168,44 @@ def _check_num_labels(task: str, num_labels: int | None) -> None:
         raise ValueError(f"num_labels applies to classification tasks only, not to {task!r}")
 
 
+def _check_classifier_pooling(task: str, classifier_pooling: str | None) -> None:
+    if classifier_pooling is None:
+        return
+    if classifier_pooling not in CLASSIFIER_POOLINGS:
+        raise ValueError(
+            f"classifier_pooling={classifier_pooling!r} is not one of {', '.join(CLASSIFIER_POOLINGS)}; "
+            "leave it unset for the architecture's own classification head"
+        )
+    if task != TASK_SEQUENCE_CLASSIFICATION:
+        raise ValueError(f"classifier_pooling applies to {TASK_SEQUENCE_CLASSIFICATION!r} only, not to {task!r}")
+
+
+def _model_class(task: str, source: str | os.PathLike, classifier_pooling: str | None):
+    """Return the model class for `task`: the auto class, or the mean-pooling classifier.
+
+    The mean-pooling classifier is used when `classifier_pooling` is "mean" or when the
+    checkpoint's config records that it was saved from that class.
+    """
+    if task != TASK_SEQUENCE_CLASSIFICATION:
+        return _auto_model_class(task)
+    import transformers
+
+    from ..modeling_mean_pooling import CLASSIFIER_POOLING_KEY, MeanPooledBertForSequenceClassification
+
+    config = transformers.AutoConfig.from_pretrained(source)
+    saved_pooling = getattr(config, CLASSIFIER_POOLING_KEY, None)
+    if classifier_pooling is None and config.model_type == "bert" and saved_pooling == "mean":
+        return MeanPooledBertForSequenceClassification
+    if classifier_pooling == "mean":
+        if config.model_type != "bert":
+            raise ValueError(
+                f"classifier_pooling='mean' is implemented for BERT encoders (model_type 'bert'), and "
+                f"{os.fspath(source)!r} is {config.model_type!r}; leave classifier_pooling unset to use its own head"
+            )
+        return MeanPooledBertForSequenceClassification
+    return _auto_model_class(task)
+
+
 def _auto_model_class(task: str):
     import transformers
 
@@ -166,7 +217,9 @@ def _auto_model_class(task: str):
     }[task]
 
 
-def _load_offline_model(entry: OfflineModel, task: str, processor_kwargs: dict, model_kwargs: dict):
+def _load_offline_model(
+    entry: OfflineModel, task: str, processor_kwargs: dict, model_kwargs: dict, classifier_pooling: str | None
+):
     import transformers
 
     if task not in entry.tasks:
@@ -174,9 +227,11 @@ def _load_offline_model(entry: OfflineModel, task: str, processor_kwargs: dict, 
             f"offline model {entry.name!r} supports the tasks {', '.join(entry.tasks)}, not {task!r}"
         )
     folder = offline_model_dir(entry.name)
-    model_class = _auto_model_class(task)
 
     if entry.gguf_file is not None:
+        if classifier_pooling is not None:
+            raise ValueError(f"classifier_pooling is not available for the GGUF model {entry.name!r}")
+        model_class = _auto_model_class(task)
         processor = transformers.AutoTokenizer.from_pretrained(
             folder, gguf_file=entry.gguf_file, **processor_kwargs
         )
@@ -193,11 +248,11 @@ def _load_offline_model(entry: OfflineModel, task: str, processor_kwargs: dict, 
         processor = transformers.AutoImageProcessor.from_pretrained(folder, **processor_kwargs)
     else:
         processor = transformers.AutoTokenizer.from_pretrained(folder, **processor_kwargs)
-    model = model_class.from_pretrained(folder, **model_kwargs)
+    model = _model_class(task, folder, classifier_pooling).from_pretrained(folder, **model_kwargs)
     return model, processor
 
 
-def _load_pretrained(name: str, task: str, processor_kwargs: dict, model_kwargs: dict):
+def _load_pretrained(name: str, task: str, processor_kwargs: dict, model_kwargs: dict, classifier_pooling: str | None):
     import transformers
 
     processor_class = {
@@ -208,7 +263,7 @@ def _load_pretrained(name: str, task: str, processor_kwargs: dict, model_kwargs:
     }[task]
     try:
         processor = processor_class.from_pretrained(name, **processor_kwargs)
-        model = _auto_model_class(task).from_pretrained(name, **model_kwargs)
+        model = _model_class(task, name, classifier_pooling).from_pretrained(name, **model_kwargs)
     except OSError as error:
         if Path(name).exists():
             raise

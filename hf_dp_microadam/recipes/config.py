@@ -89,6 +89,35 @@ def _normalize_yaml_values(parser: argparse.ArgumentParser, config: dict) -> dic
     }
 
 
+def _check_yaml_values(parser: argparse.ArgumentParser, config: dict, config_path: str) -> None:
+    """Raise ConfigError for a YAML string that the option's type cannot convert.
+
+    argparse converts string defaults only when it parses, and would report a bad one as
+    if it came from the command line.
+    """
+    for action in parser._actions:
+        if action.dest not in config or not callable(action.type):
+            continue
+        values = config[action.dest] if isinstance(config[action.dest], list) else [config[action.dest]]
+        for value in values:
+            if not isinstance(value, str):
+                continue
+            try:
+                action.type(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                raise ConfigError(
+                    f"invalid value for {action.dest!r} in {config_path}: {value!r} is not {_expected(action)}"
+                ) from None
+
+
+def _expected(action: argparse.Action) -> str:
+    """Describe the values an option accepts, for an error message."""
+    if action.choices:
+        return "one of " + ", ".join(str(choice) for choice in action.choices)
+    names = {int: "an integer", float: "a number", "string_to_bool": "a boolean (true or false)"}
+    return names.get(action.type, names.get(getattr(action.type, "__name__", None), "a valid value"))
+
+
 def parse_recipe_args(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple:
     """Parse `CONFIG.yaml [--key value ...]` into one instance per dataclass in `dataclass_types`.
 
@@ -114,6 +143,7 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: list[str] | None = 
         raise ConfigError(f"unknown keys in {config_path}: {listed}")
 
     config = _normalize_yaml_values(parser, config)
+    _check_yaml_values(parser, config, config_path)
     parser.set_defaults(**config)
     for action in parser._actions:
         if action.dest in config:
@@ -138,7 +168,6 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: list[str] | None = 
         try:
             instances.append(dataclass_type(**{name: values[name] for name in names if name in values}))
         except (TypeError, ValueError) as error:
-            raise ConfigError(
-                f"invalid configuration ({config_path} with overrides {overrides}): {error}"
-            ) from error
+            source = f"{config_path} and the command line" if overrides else config_path
+            raise ConfigError(f"{error} (from {source})") from error
     return tuple(instances)

@@ -24,6 +24,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from hf_dp_microadam.assets import MissingAssetError
+from hf_dp_microadam.engine import DPSettingsChangedError
 
 from .config import ConfigError
 from .plots import plot_training_curves
@@ -251,13 +252,18 @@ def print_summary(metrics: dict, keys: tuple[str, ...], output_dir: str) -> None
 
 
 def run_recipe_main(main) -> None:
-    """Call a recipe's `main()`, exiting with status 2 on a configuration error or a missing asset.
+    """Call a recipe's `main()`, exiting with status 2 on a configuration error, a missing
+    asset, or a checkpoint whose DP settings differ from the command's.
 
-    Those two errors carry the whole fix in their message, so it is printed without a
+    Those errors carry the whole fix in their message, so it is printed without a
     traceback. Every other exception propagates.
     """
     try:
         main()
     except (ConfigError, MissingAssetError) as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except DPSettingsChangedError as error:
+        print(f"error: {error} (another output_dir, or --overwrite_output_dir true, starts a new run)",
+              file=sys.stderr)
         sys.exit(2)

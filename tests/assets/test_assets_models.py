@@ -18,6 +18,32 @@ def test_local_folder_sequence_classification(tiny_bert_dir):
     assert model(**batch).logits.shape == (2, 3)
 
 
+def test_mean_pooling_reloads(tiny_bert_dir, tmp_path):
+    model, tokenizer = assets.load_model(tiny_bert_dir, "sequence-classification", num_labels=2,
+                                         classifier_pooling="mean")
+
+    assert type(model).__name__ == "MeanPooledBertForSequenceClassification"
+    assert model.bert.pooler is None
+    model.eval()
+    batch = tokenizer(["a good movie", "bad"], padding=True, return_tensors="pt")
+    logits = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    reloaded, _ = assets.load_model(tmp_path, "sequence-classification", num_labels=2)
+    reloaded.eval()
+
+    assert type(reloaded).__name__ == "MeanPooledBertForSequenceClassification"
+    assert torch.equal(reloaded(**batch).logits, logits)
+
+
+def test_mean_pooling_rejected_elsewhere(tiny_bert_dir, tiny_llama_dir):
+    with pytest.raises(ValueError, match="BERT encoders.*'llama'"):
+        assets.load_model(tiny_llama_dir, "sequence-classification", num_labels=2, classifier_pooling="mean")
+    with pytest.raises(ValueError, match="applies to 'sequence-classification' only"):
+        assets.load_model(tiny_bert_dir, "feature-extraction", classifier_pooling="mean")
+    with pytest.raises(ValueError, match="'max' is not one of mean"):
+        assets.load_model(tiny_bert_dir, "sequence-classification", num_labels=2, classifier_pooling="max")
+
+
 def test_mismatched_head_size_error_on_request(tiny_bert_dir):
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         assets.load_model(tiny_bert_dir, "sequence-classification", num_labels=3, ignore_mismatched_sizes=False)

@@ -24,13 +24,15 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from hf_dp_microadam.modeling_mean_pooling import MeanPooledBertForSequenceClassification
 from hf_dp_microadam.privacy.losses import compute_per_example_losses
 
 VOCAB_SIZE = 40
 PAD_TOKEN_ID = 0
 NUM_LABELS = 3
-ARCHITECTURES = ("vit", "deit", "dinov2", "bert", "gpt2", "llama")
-TEXT_ARCHITECTURES = ("bert", "gpt2", "llama")
+# "bert-mean" is hf_dp_microadam's MeanPooledBertForSequenceClassification.
+ARCHITECTURES = ("vit", "deit", "dinov2", "bert", "bert-mean", "gpt2", "llama")
+TEXT_ARCHITECTURES = ("bert", "bert-mean", "gpt2", "llama")
 CAUSAL_LM_ARCHITECTURES = ("gpt2", "llama")
 
 _VISION = dict(
@@ -58,7 +60,7 @@ def build_model(architecture: str, *, lora: bool = False, dora: bool = False, se
         model = Dinov2ForImageClassification(config)
         # The mask token is read only with bool_masked_pos (masked-image pretraining).
         model.dinov2.embeddings.mask_token.requires_grad_(False)
-    elif architecture == "bert":
+    elif architecture in ("bert", "bert-mean"):
         config = BertConfig(
             vocab_size=VOCAB_SIZE,
             hidden_size=16,
@@ -72,7 +74,8 @@ def build_model(architecture: str, *, lora: bool = False, dora: bool = False, se
             num_labels=NUM_LABELS,
             **overrides,
         )
-        model = BertForSequenceClassification(config)
+        model_class = MeanPooledBertForSequenceClassification if architecture == "bert-mean" else BertForSequenceClassification
+        model = model_class(config)
     elif architecture == "gpt2":
         config = GPT2Config(
             vocab_size=VOCAB_SIZE,
@@ -128,7 +131,7 @@ def lora_config(architecture: str, *, dora: bool = False) -> LoraConfig:
             modules_to_save=["cls_classifier", "distillation_classifier"],
             **common,
         )
-    if architecture == "bert":
+    if architecture in ("bert", "bert-mean"):
         return LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], **common)
     if architecture == "gpt2":
         return LoraConfig(

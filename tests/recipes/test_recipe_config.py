@@ -149,6 +149,28 @@ def test_invalid_command_line_value(tmp_path):
         parse_recipe_args((ToyArguments,), [config, "--steps", "many"])
 
 
+@pytest.mark.parametrize("line, message", [
+    ("steps: many", "invalid value for 'steps' in .*config.yaml: 'many' is not an integer"),
+    ("rate: fast", "'rate' .*'fast' is not a number"),
+    ("verbose: maybe", "'verbose' .*'maybe' is not a boolean"),
+    ("sizes: [1, two]", "'sizes' .*'two' is not an integer"),
+])
+def test_invalid_yaml_value_names_file(tmp_path, line, message):
+    config = write_config(tmp_path, f"name: toy\n{line}\n")
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe_args((ToyArguments,), [config])
+
+
+def test_dataclass_error_names_source(tmp_path):
+    config = write_config(
+        tmp_path, "model_name_or_path: m\ndataset_name: d\noutput_dir: out\ntarget_epsilon: 8\nlora_r: 0\n"
+    )
+    with pytest.raises(ConfigError, match=r"^lora_r must be at least 1, got 0 \(from .*config.yaml\)$"):
+        parse_recipe_args(RECIPE_TYPES, [config])
+    with pytest.raises(ConfigError, match=r"^lora_r .* \(from .*config.yaml and the command line\)$"):
+        parse_recipe_args(RECIPE_TYPES, [config, "--lora_alpha", "4"])
+
+
 def test_missing_required_option(tmp_path):
     config = write_config(tmp_path, "rate: 0.1\n")
     with pytest.raises(ConfigError, match="--name"):
@@ -214,3 +236,13 @@ def test_shipped_configs_parse(config):
 def test_every_recipe_has_a_cpu_config():
     for folder in RECIPE_OF_CONFIG_DIR:
         assert (CONFIGS_DIR / folder / "cpu.yaml").is_file(), folder
+
+
+def test_text_recipe_classifier_pooling():
+    recipe = load_recipe_module("text_classification")
+    config = str(CONFIGS_DIR / "text_classification" / "cpu.yaml")
+
+    with pytest.raises(ConfigError, match="classifier_pooling must be one of mean or unset, got 'max'"):
+        parse_recipe_args(recipe.ARGUMENT_TYPES, [config, "--classifier_pooling", "max"])
+    parsed = parse_recipe_args(recipe.ARGUMENT_TYPES, [config, "--classifier_pooling", "mean"])
+    assert parsed[3].classifier_pooling == "mean"

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from hf_dp_microadam.engine import DPSettingsChangedError
 from hf_dp_microadam.recipes import run
 from hf_dp_microadam.recipes.arguments import LoraArguments, ModelArguments
 from hf_dp_microadam.recipes.config import ConfigError
@@ -20,7 +21,7 @@ from hf_dp_microadam.recipes.classification import label_settings
 from hf_dp_microadam.recipes.data import CausalLMCollator
 from hf_dp_microadam.recipes.environment import configure_environment, uses_only_offline_assets
 from hf_dp_microadam.recipes.modeling import prepare_trainable_model
-from hf_dp_microadam.recipes.plots import plot_training_curves
+from hf_dp_microadam.recipes.plots import plot_training_curves, training_curve_series
 
 
 def run_args(output_dir, **overrides):
@@ -141,6 +142,20 @@ def test_plot_writes_png_with_one_panel_per_series(tmp_path):
     width_three, height_three = png_size(three)
     assert height_four == height_three
     assert width_four > width_three
+
+
+def test_plot_keeps_empty_panels(tmp_path):
+    # A 3-step run with logging_steps=5 logs no loss and no epsilon, only the final summary.
+    history = [{"eval_loss": 0.62, "eval_accuracy": 0.70, "step": 3}, {"train_loss": 0.66, "step": 3}]
+
+    panels = training_curve_series(history, "eval_accuracy")
+    path = plot_training_curves(history, tmp_path / "short.png", metric="eval_accuracy")
+    full = plot_training_curves(SYNTHETIC_HISTORY, tmp_path / "full.png", metric="eval_accuracy")
+
+    assert list(panels) == ["loss", "eval_loss", "eval_accuracy", "epsilon"]
+    assert panels["loss"][1:] == ([3], [0.66])
+    assert panels["epsilon"][1:] == ([], [])
+    assert png_size(path) == png_size(full)
 
 
 def test_plot_creates_parent_folder(tmp_path):
@@ -271,3 +286,28 @@ def test_unknown_trainable_module_is_an_error():
 def test_head_finetuning_needs_modules():
     with pytest.raises(ValueError, match="needs trainable_modules"):
         prepare_trainable_model(tiny_bert(), ModelArguments("m", finetuning="head"), LoraArguments())
+
+
+@pytest.mark.parametrize("error", [
+    ConfigError("lora_r must be at least 1"),
+    DPSettingsChangedError("the checkpoint's privacy state comes from a run with other DP settings"),
+])
+def test_recipe_main_fixable_error_exits(error, capsys):
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as exited:
+        run.run_recipe_main(main)
+
+    assert exited.value.code == 2
+    printed = capsys.readouterr().err
+    assert printed.startswith(f"error: {error}")
+    assert "Traceback" not in printed
+
+
+def test_recipe_main_raises_other_errors():
+    def main():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run.run_recipe_main(main)

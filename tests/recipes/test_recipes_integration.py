@@ -138,7 +138,9 @@ def test_text_recipe_adapter_reloads(text_run):
 
     output_dir, _ = text_run
     saved = load_file(output_dir / "adapter_model.safetensors")
-    base, _ = load_model("all-minilm-l6-v2", "sequence-classification", num_labels=2)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["classifier_pooling"] == "mean"
+    base, _ = load_model("all-minilm-l6-v2", "sequence-classification", num_labels=2, classifier_pooling="mean")
     model = PeftModel.from_pretrained(base, output_dir)
     parameters = dict(model.named_parameters())
     lora_b = [name for name in parameters if "lora_B" in name]
