@@ -34,7 +34,7 @@ from hf_dp_microadam.recipes.arguments import (  # noqa: E402
     ModelArguments,
     RecipeTrainingArguments,
 )
-from hf_dp_microadam.recipes.config import parse_recipe_args  # noqa: E402
+from hf_dp_microadam.recipes.config import ConfigError, parse_recipe_args  # noqa: E402
 from hf_dp_microadam.recipes.data import CausalLMCollator, load_splits  # noqa: E402
 from hf_dp_microadam.recipes.generation import generate_texts, log_generations  # noqa: E402
 from hf_dp_microadam.recipes.metrics import evaluate_perplexity  # noqa: E402
@@ -81,13 +81,15 @@ ARGUMENT_TYPES = (ModelArguments, DataArguments, LoraArguments, LanguageModeling
 
 
 def main(argv=None):
-    model_args, data_args, lora_args, lm_args, training_args = parse_recipe_args(ARGUMENT_TYPES, argv)
+    arguments = parse_recipe_args(ARGUMENT_TYPES, argv)
+    model_args, data_args, lora_args, lm_args, training_args = arguments
+    options = run.recipe_options(arguments)
     if model_args.finetuning != "lora":
-        raise ValueError(f"this recipe trains LoRA adapters only; got finetuning={model_args.finetuning!r}")
+        raise ConfigError(f"this recipe trains LoRA adapters only; got finetuning={model_args.finetuning!r}")
     run.setup_logging(training_args)
     checkpoint = run.detect_last_checkpoint(training_args)
     if run.is_final_checkpoint(checkpoint):
-        return run.report_finished_run(training_args, checkpoint, HEADLINE_KEYS)
+        return run.report_finished_run(training_args, checkpoint, HEADLINE_KEYS, options)
     set_seed(training_args.seed)
 
     splits = load_splits(data_args, required_columns=("text",))
@@ -142,7 +144,7 @@ def main(argv=None):
         "train_runtime_seconds": train_metrics.get("train_runtime"),
     }
     run.save_outputs(
-        trainer, metrics, plot_metric=None,
+        trainer, metrics, plot_metric=None, options=options,
         title=f"{model_args.model_name_or_path} LoRA on {data_args.dataset_name} ({training_args.dp_optimizer})",
     )
     if trainer.is_world_process_zero():

@@ -64,13 +64,15 @@ ARGUMENT_TYPES = (ModelArguments, DataArguments, LoraArguments, ImageArguments, 
 
 
 def main(argv=None):
-    model_args, data_args, lora_args, image_args, training_args = parse_recipe_args(ARGUMENT_TYPES, argv)
+    arguments = parse_recipe_args(ARGUMENT_TYPES, argv)
+    model_args, data_args, lora_args, image_args, training_args = arguments
+    options = run.recipe_options(arguments)
     # The collator reads the `image` column, which the model's forward does not take.
     training_args.remove_unused_columns = False
     run.setup_logging(training_args)
     checkpoint = run.detect_last_checkpoint(training_args)
     if run.is_final_checkpoint(checkpoint):
-        return run.report_finished_run(training_args, checkpoint, HEADLINE_KEYS)
+        return run.report_finished_run(training_args, checkpoint, HEADLINE_KEYS, options)
     set_seed(training_args.seed)
 
     splits = load_splits(data_args, required_columns=("image", "label"))
@@ -101,7 +103,7 @@ def main(argv=None):
     train_metrics = run.train(trainer, checkpoint)
     return evaluate_and_save(
         trainer, splits["test"], recipe="image_classification", model_args=model_args, data_args=data_args,
-        train_metrics=train_metrics, extra={"image_size": image_args.image_size},
+        train_metrics=train_metrics, options=options, extra={"image_size": image_args.image_size},
     )
 
 

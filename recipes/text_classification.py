@@ -74,11 +74,13 @@ ARGUMENT_TYPES = (ModelArguments, DataArguments, LoraArguments, TextArguments, R
 
 
 def main(argv=None):
-    model_args, data_args, lora_args, text_args, training_args = parse_recipe_args(ARGUMENT_TYPES, argv)
+    arguments = parse_recipe_args(ARGUMENT_TYPES, argv)
+    model_args, data_args, lora_args, text_args, training_args = arguments
+    options = run.recipe_options(arguments)
     run.setup_logging(training_args)
     checkpoint = run.detect_last_checkpoint(training_args)
     if run.is_final_checkpoint(checkpoint):
-        return run.report_finished_run(training_args, checkpoint, HEADLINE_KEYS)
+        return run.report_finished_run(training_args, checkpoint, HEADLINE_KEYS, options)
     set_seed(training_args.seed)
 
     splits = load_splits(data_args, required_columns=("text", "label"))
@@ -110,7 +112,7 @@ def main(argv=None):
     train_metrics = run.train(trainer, checkpoint)
     return evaluate_and_save(
         trainer, splits["test"], recipe="text_classification", model_args=model_args, data_args=data_args,
-        train_metrics=train_metrics,
+        train_metrics=train_metrics, options=options,
         extra={"max_seq_length": text_args.max_seq_length, "classifier_pooling": text_args.classifier_pooling},
     )
 

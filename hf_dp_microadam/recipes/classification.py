@@ -22,11 +22,12 @@ def label_settings(train_dataset) -> dict:
 
 
 def evaluate_and_save(trainer, test_dataset, *, recipe: str, model_args, data_args, train_metrics: dict,
-                      extra: dict | None = None) -> dict:
-    """Score the trained model on the test split, then write the metrics, plot and model.
+                      extra: dict | None = None, options: dict | None = None) -> dict:
+    """Score the trained model on the test split, then write the metrics, options, plot and model.
 
     Returns the final metrics: test accuracy and loss, the privacy spent, and the run's
-    sizes. `extra` adds recipe-specific entries.
+    sizes. `extra` adds recipe-specific entries, and `options` (see `run.recipe_options`)
+    is saved for comparing later commands with this run.
     """
     args = trainer.args
     test_metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
@@ -49,7 +50,7 @@ def evaluate_and_save(trainer, test_dataset, *, recipe: str, model_args, data_ar
         "train_runtime_seconds": train_metrics.get("train_runtime"),
     }
     run.save_outputs(
-        trainer, metrics, plot_metric="eval_accuracy",
+        trainer, metrics, plot_metric="eval_accuracy", options=options,
         title=f"{model_args.model_name_or_path} on {data_args.dataset_name} ({args.dp_optimizer})",
     )
     if trainer.is_world_process_zero():

@@ -7,12 +7,14 @@ Every run writes to its `output_dir`:
 - `training_curves.png`: training loss, evaluation metric and epsilon against the step;
 - the trained model or LoRA adapter with its tokenizer or image processor, loadable with
   `from_pretrained` (a LoRA adapter with `peft.PeftModel.from_pretrained`);
+- `recipe_options.json`: every option of the run, for comparing a later command with it;
 - `trainer_state.json` (the log history) and `train_results.json`;
 - `checkpoint-*` folders when `save_strategy` is not "no".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -32,6 +34,13 @@ from .plots import plot_training_curves
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+OPTIONS_FILE = "recipe_options.json"
+# Options that set where and how a run reports, not what it trains: a finished run is not
+# compared on them.
+_RUN_CONTROL_OPTIONS = frozenset({
+    "output_dir", "overwrite_output_dir", "logging_dir", "disable_tqdm", "report_to", "run_name", "project",
+    "trackio_space_id", "hub_model_id", "hub_token", "push_to_hub", "log_level", "log_level_replica", "local_rank",
+})
 PLOT_FILE = "training_curves.png"
 # Loggers of this package and of the recipe scripts, shown at INFO on the main process.
 RECIPE_LOGGERS = ("hf_dp_microadam", "__main__")
@@ -118,9 +127,33 @@ def is_final_checkpoint(checkpoint: str | None) -> bool:
     return max_steps > 0 and state.get("global_step", 0) >= max_steps
 
 
-def report_finished_run(training_args, checkpoint: str, headline_keys: tuple[str, ...]) -> dict:
+def recipe_options(arguments: tuple) -> dict:
+    """Return every option of a parsed recipe command as a JSON-ready {name: value} mapping."""
+    options = {}
+    for instance in arguments:
+        to_dict = getattr(instance, "to_dict", None)
+        options.update(to_dict() if callable(to_dict) else dataclasses.asdict(instance))
+    return json.loads(json.dumps(options, default=str))
+
+
+def options_changed_since(options: dict, finished: dict) -> list[str]:
+    """Return 'option: finished -> requested' for each option that differs from a finished run's."""
+    changed = []
+    for name in sorted(set(options) | set(finished)):
+        if name in _RUN_CONTROL_OPTIONS or name.startswith("_"):
+            continue
+        if options.get(name) != finished.get(name):
+            changed.append(f"{name}: {finished.get(name)!r} -> {options.get(name)!r}")
+    return changed
+
+
+def report_finished_run(training_args, checkpoint: str, headline_keys: tuple[str, ...],
+                        options: dict | None = None) -> dict:
     """Print the results of the finished run in output_dir and return its metrics.
 
+    With `options` (see `recipe_options`), every option that differs from the finished
+    run's `recipe_options.json` is named in a warning; without them, or for a run that
+    wrote no such file, the DP settings in its metrics are compared.
     Raises FileNotFoundError when the run reached its last step but wrote no metrics.
     """
     metrics_file = Path(training_args.output_dir) / METRICS_FILE
@@ -135,7 +168,11 @@ def report_finished_run(training_args, checkpoint: str, headline_keys: tuple[str
         "true to train again.",
         training_args.output_dir, Path(checkpoint).name,
     )
-    changed = settings_changed_since(training_args, metrics)
+    options_file = Path(training_args.output_dir) / OPTIONS_FILE
+    if options is not None and options_file.is_file():
+        changed = options_changed_since(options, json.loads(options_file.read_text(encoding="utf-8")))
+    else:
+        changed = settings_changed_since(training_args, metrics)
     if changed:
         logger.warning(
             "The finished run used other settings than this command (%s): its results do not reflect them. Set "
@@ -216,13 +253,15 @@ def write_json(path: str | Path, data: dict) -> Path:
     return path
 
 
-def save_outputs(trainer, metrics: dict, *, plot_metric: str | None, title: str) -> None:
-    """Save the model or adapter, `metrics.json` and the training-curve plot (main process only)."""
+def save_outputs(trainer, metrics: dict, *, plot_metric: str | None, title: str, options: dict | None = None) -> None:
+    """Save the model or adapter, `metrics.json`, the options and the training-curve plot (main process only)."""
     trainer.save_model()
     if not trainer.is_world_process_zero():
         return
     output_dir = Path(trainer.args.output_dir)
     write_json(output_dir / METRICS_FILE, metrics)
+    if options is not None:
+        write_json(output_dir / OPTIONS_FILE, options)
     try:
         plot_training_curves(trainer.state.log_history, output_dir / PLOT_FILE, metric=plot_metric, title=title)
     except ValueError as error:

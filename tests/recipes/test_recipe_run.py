@@ -103,6 +103,29 @@ def test_finished_run_warns_about_changed_settings(tmp_path, caplog):
     assert "dp_optimizer" not in caplog.text
 
 
+def test_finished_run_names_changed_options(tmp_path, caplog):
+    checkpoint = make_checkpoint(tmp_path, 10, max_steps=10)
+    run.write_json(tmp_path / run.METRICS_FILE, {"epsilon": 7.9})
+    finished = {"learning_rate": 0.003, "classifier_pooling": "mean", "output_dir": "old", "seed": 42}
+    run.write_json(tmp_path / run.OPTIONS_FILE, finished)
+    requested = {**finished, "learning_rate": 0.001, "classifier_pooling": None, "output_dir": str(tmp_path)}
+
+    with caplog.at_level("WARNING", logger="hf_dp_microadam.recipes.run"):
+        run.report_finished_run(run_args(tmp_path, should_log=False), str(checkpoint), ("epsilon",), requested)
+
+    assert "(classifier_pooling: 'mean' -> None, learning_rate: 0.003 -> 0.001)" in caplog.text
+    assert "output_dir: " not in caplog.text
+
+
+def test_recipe_options_merge_dataclasses():
+    options = run.recipe_options((ModelArguments(model_name_or_path="m"), LoraArguments(lora_r=4)))
+
+    assert options["model_name_or_path"] == "m"
+    assert options["lora_r"] == 4
+    assert options["finetuning"] == "lora"
+    assert json.loads(json.dumps(options)) == options
+
+
 def test_finished_run_without_metrics_is_an_error(tmp_path):
     checkpoint = make_checkpoint(tmp_path, 10, max_steps=10)
     with pytest.raises(FileNotFoundError, match="overwrite_output_dir"):

@@ -85,6 +85,9 @@ def check_privacy_files(output_dir: Path) -> dict:
     assert metrics["delta"] == pytest.approx(report["delta"])
     assert metrics["steps"] == STEPS
     assert metrics["noise_multiplier"] > 0
+    options = read_json(output_dir / "recipe_options.json")
+    assert options["target_epsilon"] == 8
+    assert options["output_dir"] == str(output_dir)
     return metrics
 
 
