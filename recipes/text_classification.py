@@ -57,16 +57,18 @@ class TextArguments:
         default=None,
         metadata={
             "help": "'mean' classifies the masked mean of the last token states (BERT encoders only; right for "
-            "sentence encoders such as all-MiniLM-L6-v2). Unset: the architecture's own head, e.g. BERT's "
-            "pooler output on [CLS]."
+            "sentence encoders such as all-MiniLM-L6-v2). 'none' or unset: the architecture's own head, e.g. "
+            "BERT's pooler output on [CLS]."
         },
     )
 
     def __post_init__(self):
+        if isinstance(self.classifier_pooling, str) and self.classifier_pooling.lower() == "none":
+            self.classifier_pooling = None
         if self.classifier_pooling not in (None, *CLASSIFIER_POOLINGS):
             raise ValueError(
-                f"classifier_pooling must be one of {', '.join(CLASSIFIER_POOLINGS)} or unset, "
-                f"got {self.classifier_pooling!r}"
+                f"classifier_pooling must be one of {', '.join(CLASSIFIER_POOLINGS)}, or none for the model's own "
+                f"head; got {self.classifier_pooling!r}"
             )
 
 

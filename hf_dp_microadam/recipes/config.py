@@ -153,12 +153,15 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: list[str] | None = 
     namespace, remaining = parser.parse_known_args(args=overrides)
     if remaining:
         problems = []
+        after_unknown_option = False
         for token in remaining:
             if token.startswith("--"):
                 name = token[2:].split("=", 1)[0]
                 problems.append(f"{token!r}{suggest_option(name, known)}")
-            else:
-                problems.append(f"{token!r} (a value without an option before it)")
+                after_unknown_option = "=" not in token
+            elif not after_unknown_option:
+                # The value of an unknown option is not listed again.
+                problems.append(f"{token!r} (a value that no option takes)")
         raise ConfigError(f"unknown command-line arguments: {', '.join(problems)}")
 
     instances = []
@@ -168,6 +171,7 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: list[str] | None = 
         try:
             instances.append(dataclass_type(**{name: values[name] for name in names if name in values}))
         except (TypeError, ValueError) as error:
-            source = f"{config_path} and the command line" if overrides else config_path
+            given = [token.split("=", 1)[0] for token in overrides if token.startswith("--")]
+            source = f"{config_path}, with {' '.join(given)} on the command line" if given else config_path
             raise ConfigError(f"{error} (from {source})") from error
     return tuple(instances)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -76,6 +77,17 @@ def prepare_trainable_model(
     parameter. The model is put in training mode: `from_pretrained` returns it in eval
     mode, in which the per-example gradient hooks record nothing.
     """
+    if model_args.finetuning != "lora":
+        changed = [
+            f"{field.name}={getattr(lora_args, field.name)!r}"
+            for field in dataclasses.fields(lora_args)
+            if getattr(lora_args, field.name) != getattr(LoraArguments(), field.name)
+        ]
+        if changed:
+            logger.warning(
+                "finetuning=%r trains no LoRA adapters, so %s has no effect; set finetuning to 'lora' to use it",
+                model_args.finetuning, ", ".join(changed),
+            )
     trainable_modules = list(model_args.trainable_modules or default_trainable_modules)
     if trainable_modules:
         _require_modules(model, trainable_modules)

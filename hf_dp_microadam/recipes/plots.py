@@ -43,6 +43,7 @@ def plot_training_curves(log_history: list[dict], path: str | Path, *, metric: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = training_curve_series(log_history, metric)
     if not any(steps for _, steps, _ in panels.values()):
@@ -56,6 +57,7 @@ def plot_training_curves(log_history: list[dict], path: str | Path, *, metric: s
             axis.text(0.5, 0.5, "nothing logged:\nlower logging_steps\nor eval_steps", ha="center", va="center",
                       transform=axis.transAxes, color="0.4")
         axis.set_xlabel("step")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_title(label)
         axis.grid(alpha=0.3)
     if title:

@@ -111,6 +111,13 @@ def test_unknown_command_line_option_suggests_closest(tmp_path):
         parse_recipe_args((ToyArguments,), [config, "--ratee", "0.1"])
     assert "'--ratee'" in str(error.value)
     assert "did you mean 'rate'?" in str(error.value)
+    assert "'0.1'" not in str(error.value)
+
+
+def test_stray_command_line_value_is_named(tmp_path):
+    config = write_config(tmp_path, "name: toy\n")
+    with pytest.raises(ConfigError, match="'0.2' \\(a value that no option takes\\)"):
+        parse_recipe_args((ToyArguments,), [config, "--rate", "0.1", "0.2"])
 
 
 def test_option_prefix_is_not_accepted(tmp_path):
@@ -167,7 +174,7 @@ def test_dataclass_error_names_source(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"^lora_r must be at least 1, got 0 \(from .*config.yaml\)$"):
         parse_recipe_args(RECIPE_TYPES, [config])
-    with pytest.raises(ConfigError, match=r"^lora_r .* \(from .*config.yaml and the command line\)$"):
+    with pytest.raises(ConfigError, match=r"^lora_r .* \(from .*config.yaml, with --lora_alpha on the command line\)$"):
         parse_recipe_args(RECIPE_TYPES, [config, "--lora_alpha", "4"])
 
 
@@ -242,7 +249,9 @@ def test_text_recipe_classifier_pooling():
     recipe = load_recipe_module("text_classification")
     config = str(CONFIGS_DIR / "text_classification" / "cpu.yaml")
 
-    with pytest.raises(ConfigError, match="classifier_pooling must be one of mean or unset, got 'max'"):
+    with pytest.raises(ConfigError, match="classifier_pooling must be one of mean, or none .*; got 'max'"):
         parse_recipe_args(recipe.ARGUMENT_TYPES, [config, "--classifier_pooling", "max"])
     parsed = parse_recipe_args(recipe.ARGUMENT_TYPES, [config, "--classifier_pooling", "mean"])
     assert parsed[3].classifier_pooling == "mean"
+    parsed = parse_recipe_args(recipe.ARGUMENT_TYPES, [config, "--classifier_pooling", "none"])
+    assert parsed[3].classifier_pooling is None

@@ -274,6 +274,21 @@ def test_head_finetuning_trains_only_named_modules():
     assert model.training
 
 
+def test_lora_options_without_lora_warn(caplog):
+    with caplog.at_level("WARNING", logger="hf_dp_microadam.recipes.modeling"):
+        prepare_trainable_model(tiny_bert(), ModelArguments("m", finetuning="head"), LoraArguments(lora_r=4),
+                                default_trainable_modules=["classifier"])
+
+    assert "finetuning='head' trains no LoRA adapters, so lora_r=4 has no effect" in caplog.text
+
+
+def test_default_lora_options_do_not_warn(caplog):
+    with caplog.at_level("WARNING", logger="hf_dp_microadam.recipes.modeling"):
+        prepare_trainable_model(tiny_bert(), ModelArguments("m", finetuning="full"), LoraArguments())
+
+    assert "LoRA" not in caplog.text
+
+
 def test_lora_finetuning_adds_adapters_and_head():
     model = prepare_trainable_model(
         tiny_bert(), ModelArguments("m", finetuning="lora", trainable_modules=["classifier", "pooler"]),
