@@ -5,8 +5,8 @@ Three tasks (see `TASKS` in benchmarks/dp_runs.py for every setting):
 
 - vit-fashion-mnist: a small ViT trained from random initialization on a 10,000-image
   subset of Fashion-MNIST, 150 steps of expected batch 256;
-- minilm-rotten-tomatoes: all-MiniLM-L6-v2 with LoRA plus the head on a 4,000-sentence
-  subset of Rotten Tomatoes, 40 steps of expected batch 64;
+- minilm-rotten-tomatoes: all-MiniLM-L6-v2 with LoRA plus a mean-pooled head on a
+  4,000-sentence subset of Rotten Tomatoes, 40 steps of expected batch 64;
 - dinov2-fashion-mnist: DINOv2-small with LoRA plus the head on a 6,000-image subset of
   Fashion-MNIST at 56 px, 40 steps of expected batch 64.
 
