@@ -236,7 +236,8 @@ class DPMicroAdamTrainer(Trainer):
     # ---- Logging, report, checkpoints ----
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.dp_engine is not None and "loss" in logs:
+        # Step logs carry "loss", and the summary at the end of training "train_loss".
+        if self.dp_engine is not None and ("loss" in logs or "train_loss" in logs):
             logs["epsilon"] = self.dp_engine.epsilon
         super().log(logs, start_time)
 

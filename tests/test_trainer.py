@@ -202,6 +202,9 @@ def test_log_history_has_epsilon_and_no_grad_norm(tmp_path):
     epsilons = [entry["epsilon"] for entry in training_logs]
     assert all(math.isfinite(value) and value > 0 for value in epsilons)
     assert epsilons == sorted(epsilons)
+    summary = trainer.state.log_history[-1]
+    assert "train_loss" in summary
+    assert summary["epsilon"] == epsilons[-1]
     assert not any("grad_norm" in entry for entry in trainer.state.log_history)
 
 
