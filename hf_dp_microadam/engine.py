@@ -395,7 +395,7 @@ class DPEngine:
             hint = ""
             if set(changed) == {"noise_multiplier"}:
                 hint = (" The noise multiplier is calibrated from target_epsilon, target_delta, the expected batch "
-                        "size and the number of planned steps; one of them changed.")
+                        "size and the number of planned steps, so one of them changed.")
             raise DPSettingsChangedError(
                 f"the checkpoint's privacy state comes from a run with other DP settings ({details}).{hint} "
                 "Resume with the same settings, or start a new run"

@@ -171,7 +171,10 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: list[str] | None = 
         try:
             instances.append(dataclass_type(**{name: values[name] for name in names if name in values}))
         except (TypeError, ValueError) as error:
-            given = [token.split("=", 1)[0] for token in overrides if token.startswith("--")]
-            source = f"{config_path}, with {' '.join(given)} on the command line" if given else config_path
+            command_line_options = [token.split("=", 1)[0] for token in overrides if token.startswith("--")]
+            if command_line_options:
+                source = f"{config_path}, with {' '.join(command_line_options)} on the command line"
+            else:
+                source = config_path
             raise ConfigError(f"{error} (from {source})") from error
     return tuple(instances)

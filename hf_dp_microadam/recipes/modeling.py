@@ -78,10 +78,11 @@ def prepare_trainable_model(
     mode, in which the per-example gradient hooks record nothing.
     """
     if model_args.finetuning != "lora":
+        defaults = LoraArguments()
         changed = [
             f"{field.name}={getattr(lora_args, field.name)!r}"
             for field in dataclasses.fields(lora_args)
-            if getattr(lora_args, field.name) != getattr(LoraArguments(), field.name)
+            if getattr(lora_args, field.name) != getattr(defaults, field.name)
         ]
         if changed:
             logger.warning(
